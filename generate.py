@@ -1,0 +1,202 @@
+"""Render synthetic dermoscopy images from lesion masks with a trained PixelGAN generator.
+
+    python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/test --num_images 100
+    python generate.py --model_path pixelgan_models/<TIMESTAMP>/generator_epoch_135.pth --input_dir data/test
+    python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --class melanoma --num_images 500
+    python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --balance
+
+Plain mode writes gen_only_<name>.png and generated_<name>.png (mask / generated / real) per mask;
+past the number of masks it renders new variations. --class and --balance write
+<output_dir>/<class>/gen_<n>.png and <output_dir>/labels.csv for classifier pipelines.
+"""
+import argparse
+import csv
+import os
+import sys
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.utils import save_image
+
+import models
+from dataset import PairedDataset, read_labels, save_image_grid, to_model_range, to_uint8
+from train import autocast_dtype
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_folder", help="a run folder; its highest generator_epoch_<N>.pth is used")
+    source.add_argument("--model_path", help="one generator checkpoint")
+    p.add_argument("--input_dir", default=None, help="a split folder (masks/ + originals/) or a folder of masks "
+                                                      "(default data/test, or data/train with --balance)")
+    p.add_argument("--num_images", type=int, default=None, help="how many images (default: one per mask)")
+    p.add_argument("--output_dir", default="pixelgan_outputs/generated")
+    p.add_argument("--img_size", type=int, default=None, help="must match the checkpoint (default: taken from it)")
+    p.add_argument("--num_workers", type=int, default=4, help="threads for decoding the masks")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="makes variations, mask jitter and class sampling repeatable")
+    p.add_argument("--class", dest="class_name", default=None, help="render images of this class (see labels.csv)")
+    p.add_argument("--balance", action="store_true", help="top up every class of --input_dir to the largest one")
+    p.add_argument("--labels", default=None, help="labels.csv (default: the one beside --input_dir, from preprocess.py)")
+    return p.parse_args(argv)
+
+
+def mask_jitter(img_size):
+    """New lesion shapes from real ones: any rotation, flips, a little scale and shift, and an elastic
+    warp of the outline. tv_tensors.Mask makes v2 use nearest-neighbour, so masks stay binary."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=180, translate=(0.06, 0.06), scale=(0.85, 1.15)),
+        v2.ElasticTransform(alpha=img_size * 0.4, sigma=img_size * 0.06),
+    ])
+
+
+def jitter_masks(masks_uint8, seed):
+    """One jittered copy of each mask (uint8 N x 1 x S x S); an emptied mask falls back to its original."""
+    torch.manual_seed(seed)
+    jitter = mask_jitter(masks_uint8.shape[-1])
+    out = torch.stack([jitter(tv_tensors.Mask(m)).as_subclass(torch.Tensor) for m in masks_uint8])
+    empty = out.flatten(1).amax(1) == 0
+    out[empty] = masks_uint8[empty]
+    return out
+
+
+@torch.inference_mode()
+def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0):
+    """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
+    dropout active (pix2pix's noise source), so each seed gives another plausible image."""
+    device = torch.device(device)
+    generator = generator.to(device).eval()
+    if stochastic:
+        for m in generator.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.train()
+    dtype = autocast_dtype(device, amp)
+    torch.manual_seed(seed)
+    outputs = []
+    for start in range(0, masks_uint8.shape[0], batch_size):
+        masks = to_model_range(masks_uint8[start:start + batch_size], device)
+        planes = None
+        if config["n_classes"]:
+            planes = models.class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs.append(to_uint8(generator(masks, planes)))
+    return torch.cat(outputs)
+
+
+def load_model(args):
+    path = args.model_path or models.latest_generator_path(args.model_folder)
+    generator, config, ckpt = models.load_generator(path)
+    if args.img_size is not None and args.img_size != config["img_size"]:
+        raise models.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
+                                     f"but --img_size {args.img_size} was given")
+    print(f"loaded {path} (epoch {ckpt.get('epoch', '?')}, {config['img_size']}x{config['img_size']}, "
+          f"{'classes ' + ', '.join(config['classes']) if config['n_classes'] else 'unconditional'})")
+    return generator, config
+
+
+def class_index(config, name):
+    return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
+
+
+def render_class(generator, config, dataset, labels, class_name, count, args, first_index, seed):
+    """count images of one class from jittered masks of that class (any mask, for a conditional
+    model, when the class has none) through the stochastic generator; distinct by construction."""
+    pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
+    if not pool:
+        if not config["n_classes"]:
+            raise ValueError(f"{dataset.folder}: no masks labelled {class_name!r} (and the model is unconditional)")
+        pool = list(range(len(dataset)))
+    if config["n_classes"] and class_name not in config["classes"]:
+        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
+    order = torch.tensor(pool)[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    picks = order.repeat(count // len(pool) + 1)[:count]
+    masks = jitter_masks(dataset.masks[picks], seed)
+    class_labels = class_index(config, class_name).repeat(count)
+    images = render(generator, config, masks, class_labels, args.device, args.batch_size, args.amp, stochastic=True, seed=seed)
+    folder = os.path.join(args.output_dir, class_name)
+    os.makedirs(folder, exist_ok=True)
+    for k, image in enumerate(images):
+        save_image(image.float() / 255.0, os.path.join(folder, f"gen_{first_index + k}.png"))
+
+
+def write_class_labels(output_dir):
+    """labels.csv listing every <class>/gen_<n>.png under output_dir (ImageFolder reads the same tree)."""
+    rows = [(f"{c}/{name}", c) for c in sorted(os.listdir(output_dir)) if os.path.isdir(os.path.join(output_dir, c))
+            for name in sorted(os.listdir(os.path.join(output_dir, c))) if name.startswith("gen_") and name.endswith(".png")]
+    with open(os.path.join(output_dir, "labels.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        w.writerows(rows)
+    return rows
+
+
+def existing_count(folder):
+    if not os.path.isdir(folder):
+        return 0
+    return 1 + max((int(n[4:-4]) for n in os.listdir(folder) if n.startswith("gen_") and n[4:-4].isdigit()), default=-1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    input_dir = args.input_dir or os.path.join("data", "train" if args.balance else "test")
+    generator, config = load_model(args)
+    labels_dir = os.path.dirname(args.labels) if args.labels else os.path.dirname(os.path.normpath(input_dir))
+    labels = read_labels(labels_dir)
+    dataset = PairedDataset(input_dir, config["img_size"], labels=labels, classes=config["classes"], num_workers=args.num_workers)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.class_name or args.balance:
+        if not labels:
+            raise ValueError(f"{os.path.join(labels_dir, 'labels.csv')}: no labels (preprocess.py --labels, or --labels)")
+        if args.balance:
+            counts = {}
+            for n in dataset.names:
+                if n in labels:
+                    counts[labels[n]] = counts.get(labels[n], 0) + 1
+            target = max(counts.values())
+            plan = {c: target - k for c, k in sorted(counts.items()) if target > k}
+        else:
+            plan = {args.class_name: args.num_images or len(dataset)}
+        for i, (class_name, count) in enumerate(plan.items()):
+            first = existing_count(os.path.join(args.output_dir, class_name))
+            render_class(generator, config, dataset, labels, class_name, count, args, first, args.seed + 1000 * i + first)
+            print(f"{class_name}: {count} images -> {os.path.join(args.output_dir, class_name)}")
+        rows = write_class_labels(args.output_dir)
+        print(f"{len(rows)} images listed in {os.path.join(args.output_dir, 'labels.csv')}")
+        return
+
+    # Plain mode: every mask once (deterministic), then variations until num_images is reached.
+    n_masks = len(dataset)
+    total = args.num_images or n_masks
+    if config["n_classes"] and (dataset.labels < 0).any():
+        print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]}", file=sys.stderr)
+    labels = dataset.labels.clamp(min=0)
+    written = 0
+    for round_index in range((total + n_masks - 1) // n_masks):
+        count = min(n_masks, total - written)
+        masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
+        fakes = render(generator, config, masks, labels[:count], args.device, args.batch_size, args.amp,
+                       stochastic=round_index > 0, seed=args.seed + round_index)
+        for k in range(count):
+            name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
+            save_image(fakes[k].float() / 255.0, os.path.join(args.output_dir, f"gen_only_{name}.png"))
+            panels = [masks[k:k + 1], fakes[k:k + 1]]
+            if dataset.images is not None and round_index == 0:
+                panels.append(dataset.images[k:k + 1])
+            save_image_grid(panels, os.path.join(args.output_dir, f"generated_{name}.png"), columns=True)
+        written += count
+    print(f"{written} images from {n_masks} masks -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (models.CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
