@@ -61,6 +61,9 @@ def parse_args(argv=None):
     # speed
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (slow start, faster steps)")
+    p.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel (else foreach)")
+    p.add_argument("--freeze_d", action=argparse.BooleanOptionalAction, default=True,
+                   help="no D weight gradients in the G step (--no-freeze_d only to measure what it saves)")
     p.add_argument("--local_bn", action="store_true", help="under DDP keep per-process BatchNorm statistics (default: SyncBatchNorm on CUDA)")
     # bookkeeping
     p.add_argument("--resume", default="", help="a run folder pixelgan_models/<TIMESTAMP> (or its last.pth) to continue")
@@ -147,9 +150,19 @@ def gan_loss(prediction, is_real, mode, for_generator=False):
     return F.relu(1.0 - prediction).mean() if is_real else F.relu(1.0 + prediction).mean()
 
 
+def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_size=1):
+    """Shuffled batches; each rank gets its own shard of every epoch (set_epoch reshuffles)."""
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=num_workers > 0)
+
+
 def make_optimizer(module, args, device):
     # fused Adam: one kernel for all parameters instead of a loop over tensors (CUDA and CPU).
-    return torch.optim.Adam(module.parameters(), lr=args.lr, betas=(args.beta1, 0.999), fused=True)
+    return torch.optim.Adam(module.parameters(), lr=args.lr, betas=(args.beta1, 0.999),
+                            fused=args.fused_adam, foreach=not args.fused_adam)
 
 
 def build_trainer(config, args, device, world_size=1):
@@ -165,7 +178,7 @@ def build_trainer(config, args, device, world_size=1):
         opt_G=make_optimizer(G, args, device), opt_D=make_optimizer(D, args, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         ema=None, lambda_l1=args.lambda_l1, gan_loss=args.gan_loss, diffaug=args.diffaug,
-        bad_steps=0, step=0,
+        freeze_D=args.freeze_d, bad_steps=0, step=0,
     )
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
@@ -216,7 +229,7 @@ def train_step(t, masks, reals, class_planes=None):
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
     # and calling the plain module keeps DDP from waiting for gradients that never come.
-    t.D.requires_grad_(False)
+    t.D.requires_grad_(not t.freeze_D)
     with autocast:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, t.diffaug))
     loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True)
@@ -224,6 +237,8 @@ def train_step(t, masks, reals, class_planes=None):
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G.parameters(), "G")
     t.D.requires_grad_(True)
+    if not t.freeze_D:
+        t.opt_D.zero_grad(set_to_none=True)  # D gradients from G's loss must not leak into the next D step
     t.scaler.update()
 
     t.bad_steps = 0 if (ok_D and ok_G) else t.bad_steps + 1
@@ -338,11 +353,8 @@ def main(argv=None):
         if master:
             print(f"warning: only {len(train_set)} training pairs in {os.path.join(args.data_dir, 'train')}: "
                   f"batch size {batch_size} per process instead of {args.batch_size}", file=sys.stderr)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0)
+    loader = make_loader(train_set, batch_size, args.num_workers, args.seed, device, rank, world_size)
+    sampler = loader.sampler
 
     # ---- model
     config = state["config"] if state else models.make_config(

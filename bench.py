@@ -1,0 +1,231 @@
+"""Benchmark the real training step (train.train_step) and generation path (generate.render).
+
+    python bench.py --amp                         # default 128x128 model, batch 8, on this machine
+    python bench.py --compare                     # reference pix2pix U-Net fp32, ours fp32, ours --amp: one run
+    python bench.py --amp --data_dir data         # also one epoch over real data: data wait vs compute
+    python bench.py --amp --no-channels_last      # one switch per optimisation, to show each one's gain
+
+Throughput is the median over --steps timed steps after --warmup. FLOPs come from
+torch.utils.flop_counter; the peak is this device's own best matmul in the same dtype, measured now.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+import models
+import train
+from dataset import PairedDataset, to_model_range
+from generate import render
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--gen_batch_size", type=int, default=None, help="generation batch (default: --batch_size)")
+    p.add_argument("--img_size", type=int, default=128)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--freeze_d", action=argparse.BooleanOptionalAction, default=True,
+                   help="D weight gradients skipped in the G step")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--reference", action="store_true",
+                   help="time the official pix2pix unet_128 layout instead (ngf 64, no residual blocks)")
+    p.add_argument("--compare", action="store_true", help="reference fp32, ours fp32 and ours with --amp, one run")
+    p.add_argument("--data_dir", default=None, help="also time one epoch over <data_dir>/train")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device, dtype, n=4096, repeats=10):
+    """Best observed GFLOP/s of an n x n matmul: the yardstick for 'fraction of peak'."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole-process peak RSS (Linux: KiB)
+
+
+def timed(fn, device, steps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_config(args):
+    if args.reference:
+        return models.make_config(img_size=args.img_size, ngf=64, ndf=64, res_max_size=0)
+    return models.make_config(img_size=args.img_size)
+
+
+def trainer_args(args):
+    flags = ["--lr", "2e-4"] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
+    flags += [] if args.channels_last else ["--no-channels_last"]
+    flags += [] if args.fused_adam else ["--no-fused_adam"]
+    flags += [] if args.freeze_d else ["--no-freeze_d"]
+    return train.parse_args(flags)[0]
+
+
+def random_batch(trainer, batch_size, size):
+    masks = (torch.rand(batch_size, 1, size, size) > 0.5).to(torch.uint8) * 255
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    return masks, images
+
+
+def bench_train(args, device, peaks):
+    config = model_config(args)
+    trainer = train.build_trainer(config, trainer_args(args), device)
+    masks_u8, images_u8 = random_batch(trainer, args.batch_size, args.img_size)
+    masks = to_model_range(masks_u8, device, trainer.memory_format)
+    reals = to_model_range(images_u8, device, trainer.memory_format)
+    step = lambda: train.train_step(trainer, masks, reals)  # noqa: E731
+    seconds = timed(step, device, args.steps, args.warmup)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    gflop = counter.get_total_flops() / args.batch_size / 1e9
+    img_per_s = args.batch_size / seconds
+    dtype = trainer.dtype or torch.float32
+    result = dict(what="train", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=args.batch_size,
+                  img_per_s=img_per_s, gflop_per_img=gflop, peak_gflops=peaks(dtype),
+                  peak_mem_mb=peak_memory_mb(device), g_params_m=models.count_params(trainer.G) / 1e6,
+                  d_params_m=models.count_params(trainer.D) / 1e6, arch="reference unet_128" if args.reference else "pixelgan")
+    result["peak_fraction"] = img_per_s * gflop / result["peak_gflops"]
+    return result, trainer
+
+
+def bench_generate(args, device, trainer, peaks):
+    batch = args.gen_batch_size or args.batch_size
+    generator = train.sampling_generator(trainer).eval()
+    masks_u8, _ = random_batch(trainer, batch, args.img_size)
+    config = trainer.config
+    seconds = timed(lambda: render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
+                    device, args.steps, args.warmup)
+    gflop = models.gflops_per_image(generator, to_model_range(masks_u8[:1], device))
+    dtype = trainer.dtype or torch.float32
+    result = dict(what="generate", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=batch,
+                  img_per_s=batch / seconds, gflop_per_img=gflop, peak_gflops=peaks(dtype),
+                  peak_mem_mb=peak_memory_mb(device), arch="reference unet_128" if args.reference else "pixelgan")
+    result["peak_fraction"] = result["img_per_s"] * gflop / result["peak_gflops"]
+    return result
+
+
+def bench_epoch(args, device, trainer):
+    """One epoch through the real DataLoader: time blocked on data vs time in train_step."""
+    started = time.perf_counter()
+    train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True, num_workers=4)
+    cache_s = time.perf_counter() - started
+    loader = train.make_loader(train_set, args.batch_size, args.num_workers, 0, device)
+    wait = compute = 0.0
+    n_images = 0
+    started = time.perf_counter()
+    iterator = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            masks, reals, _, _ = next(iterator)
+        except StopIteration:
+            break
+        masks = to_model_range(masks, device, trainer.memory_format)
+        reals = to_model_range(reals, device, trainer.memory_format)
+        sync(device)
+        t1 = time.perf_counter()
+        train.train_step(trainer, masks, reals)
+        sync(device)
+        wait += t1 - t0
+        compute += time.perf_counter() - t1
+        n_images += masks.shape[0]
+    total = time.perf_counter() - started
+    dtype = trainer.dtype or torch.float32
+    return dict(what="epoch", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=args.batch_size,
+                img_per_s=n_images / total, images=n_images, epoch_s=total, data_wait_s=wait, compute_s=compute,
+                cache_build_s=cache_s, num_workers=args.num_workers, peak_mem_mb=peak_memory_mb(device))
+
+
+def report(result, as_json):
+    if as_json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+        return
+    if result["what"] == "epoch":
+        print(f"epoch     {result['dtype']:>8} b{result['batch']:<3} {result['img_per_s']:8.1f} img/s  "
+              f"{result['images']} images in {result['epoch_s']:.2f} s: waiting for data {result['data_wait_s']:.2f} s, "
+              f"compute {result['compute_s']:.2f} s (cache built in {result['cache_build_s']:.1f} s, "
+              f"{result['num_workers']} workers)", flush=True)
+        return
+    print(f"{result['what']:<9} {result['dtype']:>8} b{result['batch']:<3} {result['img_per_s']:8.1f} img/s  "
+          f"{result['gflop_per_img']:6.2f} GFLOP/img  {100 * result['peak_fraction']:5.1f}% of "
+          f"{result['peak_gflops']:.0f} GFLOP/s matmul peak  {result['peak_mem_mb']:7.0f} MB  [{result['arch']}]", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, _, _ = train.setup_distributed(args.device)
+    torch.manual_seed(0)
+    peak_cache = {}
+
+    def peaks(dtype):
+        if dtype not in peak_cache:
+            peak_cache[dtype] = matmul_peak_gflops(device, dtype)
+        return peak_cache[dtype]
+
+    runs = [args]
+    if args.compare:
+        runs = [argparse.Namespace(**{**vars(args), "reference": True, "amp": False}),
+                argparse.Namespace(**{**vars(args), "reference": False, "amp": False}),
+                argparse.Namespace(**{**vars(args), "reference": False, "amp": True})]
+    if not args.json:
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{args.img_size}x{args.img_size}, {args.steps} timed steps after {args.warmup} warm-up")
+    results = []
+    for run in runs:
+        result, trainer = bench_train(run, device, peaks)
+        report(result, args.json)
+        results.append(result)
+        generated = bench_generate(run, device, trainer, peaks)
+        report(generated, args.json)
+        results.append(generated)
+        if run.data_dir:
+            report(bench_epoch(run, device, trainer), args.json)
+    if args.compare and not args.json:
+        ref_train, ref_gen = results[0]["img_per_s"], results[1]["img_per_s"]
+        for label, (tr, ge) in (("ours fp32", results[2:4]), ("ours amp", results[4:6])):
+            print(f"{label:>9} vs reference fp32: train x{tr['img_per_s'] / ref_train:.2f}, "
+                  f"generate x{ge['img_per_s'] / ref_gen:.2f}")
+
+
+if __name__ == "__main__":
+    main()

