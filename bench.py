@@ -194,6 +194,7 @@ def report(result, as_json):
 def main(argv=None):
     args = parse_args(argv)
     device, _, _ = train.setup_distributed(args.device)
+    torch.backends.cudnn.benchmark = True  # as train.py does on CUDA
     torch.manual_seed(0)
     peak_cache = {}
 

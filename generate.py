@@ -103,25 +103,34 @@ def class_index(config, name):
     return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
 
 
-def render_class(generator, config, dataset, labels, class_name, count, args, first_index, seed):
-    """count images of one class from jittered masks of that class (any mask, for a conditional
-    model, when the class has none) through the stochastic generator; distinct by construction."""
+def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0):
+    """count images of one class (uint8) from jittered masks of that class through the stochastic
+    generator, cycling through the shuffled masks so each is used about equally often. A conditional
+    model may draw on every mask when the class has none. Distinct by construction: each image gets its
+    own mask jitter and dropout draw."""
     pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
+    if config["n_classes"] and class_name not in config["classes"]:
+        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
     if not pool:
         if not config["n_classes"]:
             raise ValueError(f"{dataset.folder}: no masks labelled {class_name!r} (and the model is unconditional)")
         pool = list(range(len(dataset)))
-    if config["n_classes"] and class_name not in config["classes"]:
-        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
     order = torch.tensor(pool)[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
     picks = order.repeat(count // len(pool) + 1)[:count]
     masks = jitter_masks(dataset.masks[picks], seed)
     class_labels = class_index(config, class_name).repeat(count)
-    images = render(generator, config, masks, class_labels, args.device, args.batch_size, args.amp, stochastic=True, seed=seed)
-    folder = os.path.join(args.output_dir, class_name)
-    os.makedirs(folder, exist_ok=True)
-    for k, image in enumerate(images):
-        save_image(image.float() / 255.0, os.path.join(folder, f"gen_{first_index + k}.png"))
+    return render(generator, config, masks, class_labels, device=device, batch_size=batch_size, amp=amp,
+                  stochastic=True, seed=seed)
+
+
+def balance_plan(dataset, labels):
+    """{class: images to add} so that every class reaches the size of the largest one."""
+    counts = {}
+    for name in dataset.names:
+        if name in labels:
+            counts[labels[name]] = counts.get(labels[name], 0) + 1
+    target = max(counts.values())
+    return {c: target - k for c, k in sorted(counts.items()) if target > k}
 
 
 def write_class_labels(output_dir):
@@ -155,19 +164,16 @@ def main(argv=None):
     if args.class_name or args.balance:
         if not labels:
             raise ValueError(f"{os.path.join(labels_dir, 'labels.csv')}: no labels (preprocess.py --labels, or --labels)")
-        if args.balance:
-            counts = {}
-            for n in dataset.names:
-                if n in labels:
-                    counts[labels[n]] = counts.get(labels[n], 0) + 1
-            target = max(counts.values())
-            plan = {c: target - k for c, k in sorted(counts.items()) if target > k}
-        else:
-            plan = {args.class_name: args.num_images or len(dataset)}
+        plan = balance_plan(dataset, labels) if args.balance else {args.class_name: args.num_images or len(dataset)}
         for i, (class_name, count) in enumerate(plan.items()):
-            first = existing_count(os.path.join(args.output_dir, class_name))
-            render_class(generator, config, dataset, labels, class_name, count, args, first, args.seed + 1000 * i + first)
-            print(f"{class_name}: {count} images -> {os.path.join(args.output_dir, class_name)}")
+            folder = os.path.join(args.output_dir, class_name)
+            first = existing_count(folder)
+            images = class_images(generator, config, dataset, labels, class_name, count, args.device,
+                                  args.batch_size, args.amp, seed=args.seed + 1000 * i + first)
+            os.makedirs(folder, exist_ok=True)
+            for k, image in enumerate(images):
+                save_image(image.float() / 255.0, os.path.join(folder, f"gen_{first + k}.png"))
+            print(f"{class_name}: {count} images -> {folder}")
         rows = write_class_labels(args.output_dir)
         print(f"{len(rows)} images listed in {os.path.join(args.output_dir, 'labels.csv')}")
         return

@@ -18,14 +18,17 @@ DEFAULT_CONFIG = dict(
     mask_channels=1,
     image_channels=3,
     n_classes=0,          # > 0: class-conditional, one-hot planes appended to the mask (G and D)
-    ngf=32,               # generator width at the outermost level; doubles per level up to ngf * 8
-    ndf=64,
+    ngf=32,               # generator width at the outermost level; doubles per level up to ngf * g_max_mult
+    g_max_mult=4,
+    ndf=32,
     norm="batch",
     upsample="transpose",  # transpose | resize (bilinear upsample + 3x3 conv, no checkerboard)
     res_min_size=4,       # residual blocks at every level whose feature map is between these sizes
     res_max_size=32,
     dropout=0.5,
     n_dropout_levels=3,   # innermost decoder levels with dropout, as in pix2pix
+    noise_dim=0,          # > 0: a random style code z ~ N(0, I) joins the bottleneck (skin tone, vignette, ...)
+    noise_injection=False,  # per-pixel noise with learned per-channel strength in every decoder level (texture)
     d_spectral_norm=False,
     classes=[],           # class names, index = one-hot position
 )
@@ -92,10 +95,23 @@ def up_conv(c_in, c_out, mode, bias):
                          nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
 
 
-class Up(nn.Module):
-    def __init__(self, c_in, c_out, norm, upsample, dropout, residual):
+class NoiseInjection(nn.Module):
+    """x + strength * N(0, 1) per pixel (StyleGAN): a source of fine, non-repeating texture.
+    The strength starts at zero, so the network only uses the noise as far as it helps."""
+
+    def __init__(self, channels):
         super().__init__()
-        layers = [up_conv(c_in, c_out, upsample, bias=False), norm_layer(norm, c_out), nn.ReLU(True)]
+        self.strength = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.strength * torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+
+
+class Up(nn.Module):
+    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False):
+        super().__init__()
+        layers = [up_conv(c_in, c_out, upsample, bias=False)] + ([NoiseInjection(c_out)] if noise else [])
+        layers += [norm_layer(norm, c_out), nn.ReLU(True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         if residual:
@@ -117,7 +133,7 @@ class Generator(nn.Module):
         super().__init__()
         c = config
         levels = n_levels(c["img_size"])
-        widths = [c["ngf"] * min(2 ** i, 8) for i in range(levels)]
+        widths = [c["ngf"] * min(2 ** i, c["g_max_mult"]) for i in range(levels)]
         sizes = [c["img_size"] >> (i + 1) for i in range(levels)]  # feature size after each down level
         residual = [c["res_min_size"] <= s <= c["res_max_size"] for s in sizes]
         in_channels = c["mask_channels"] + c["n_classes"]
@@ -128,20 +144,25 @@ class Generator(nn.Module):
             use_norm = 0 < i < levels - 1
             self.downs.append(Down(in_channels if i == 0 else widths[i - 1], widths[i], c["norm"], use_norm, residual[i]))
 
+        self.noise_dim = c["noise_dim"]
         self.ups = nn.ModuleList()
         for i in reversed(range(1, levels)):
-            c_in = widths[i] if i == levels - 1 else 2 * widths[i]
+            c_in = widths[i] + self.noise_dim if i == levels - 1 else 2 * widths[i]
             dropout = c["dropout"] if i >= levels - c["n_dropout_levels"] else 0.0
-            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1]))
+            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_injection"]))
         self.out = nn.Sequential(up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True), nn.Tanh())
 
-    def forward(self, masks, class_planes=None):
+    def forward(self, masks, class_planes=None, z=None):
         x = masks if class_planes is None else torch.cat([masks, class_planes], 1)
         skips = []
         for down in self.downs:
             x = down(x)
             skips.append(x)
         skips.pop()  # the bottleneck feeds the first up level directly
+        if self.noise_dim:
+            if z is None:
+                z = torch.randn(x.shape[0], self.noise_dim, device=x.device, dtype=x.dtype)
+            x = torch.cat([x, z.to(x.dtype).view(x.shape[0], self.noise_dim, 1, 1).expand(-1, -1, *x.shape[2:])], 1)
         for up in self.ups:
             x = torch.cat([up(x), skips.pop()], 1)
         return self.out(x)
@@ -166,9 +187,17 @@ class Discriminator(nn.Module):
         layers.append(sn(nn.Conv2d(widths[-1], 1, 3, padding=1)))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, masks, images, class_planes=None):
+    def forward(self, masks, images, class_planes=None, return_features=False):
         parts = [masks, images] if class_planes is None else [masks, class_planes, images]
-        return self.net(torch.cat(parts, 1))
+        x = torch.cat(parts, 1)
+        if not return_features:
+            return self.net(x)
+        features = []  # every layer's activations, for the feature-matching loss (pix2pixHD)
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                features.append(x)
+        return x, features
 
 
 def init_weights(module):

@@ -44,12 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--lambda_l1", type=float, default=100.0)
+    p.add_argument("--lambda_fm", type=float, default=0.0, help="weight of the discriminator feature-matching loss (pix2pixHD)")
     p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan")
     p.add_argument("--lr_decay_start", type=float, default=1.0,
                    help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
     p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of G used for sampling (0: off)")
     p.add_argument("--diffaug", default="", help="differentiable augmentation of D's inputs: comma list of color,translation,cutout")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--deterministic", action="store_true", help="CUDA: repeatable kernels instead of the fastest ones")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
     # architecture (saved in the checkpoint's config)
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--ndf", type=int, default=models.DEFAULT_CONFIG["ndf"])
     p.add_argument("--upsample", choices=["transpose", "resize"], default=models.DEFAULT_CONFIG["upsample"])
     p.add_argument("--d_spectral_norm", action="store_true")
+    p.add_argument("--noise_dim", type=int, default=models.DEFAULT_CONFIG["noise_dim"], help="size of the random style code z")
+    p.add_argument("--noise_injection", action=argparse.BooleanOptionalAction, default=models.DEFAULT_CONFIG["noise_injection"],
+                   help="per-pixel noise in the decoder for texture")
     # speed
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (slow start, faster steps)")
@@ -113,32 +118,37 @@ def autocast_dtype(device, amp, requested="auto"):
     return None
 
 
-def diff_augment(masks, images, policy):
-    """DiffAugment (Zhao et al. 2020): the same random, differentiable transform on real and fake
-    inputs of D, so D cannot memorise a small training set. Geometry moves mask and image together."""
+def diff_augment(masks, *images, policy=""):
+    """DiffAugment (Zhao et al. 2020): random, differentiable transforms of D's inputs, so D cannot
+    memorise a small training set. Each sample gets one draw, applied alike to its mask and to every
+    image passed (real and fake alike when both are given); geometry moves mask and image together."""
     if not policy:
-        return masks, images
-    n = images.shape[0]
+        return (masks, *images)
+    n, size, device, dtype = masks.shape[0], masks.shape[-1], masks.device, images[0].dtype
     if "color" in policy:
-        images = images + (torch.rand(n, 1, 1, 1, device=images.device, dtype=images.dtype) - 0.5) * 0.4
-        mean = images.mean(dim=1, keepdim=True)
-        images = (images - mean) * (torch.rand(n, 1, 1, 1, device=images.device, dtype=images.dtype) * 0.6 + 0.7) + mean
-        mean = images.mean(dim=(1, 2, 3), keepdim=True)
-        images = (images - mean) * (torch.rand(n, 1, 1, 1, device=images.device, dtype=images.dtype) * 0.5 + 0.75) + mean
-    both = torch.cat([masks, images], 1)
-    size = both.shape[-1]
+        brightness = (torch.rand(n, 1, 1, 1, device=device, dtype=dtype) - 0.5) * 0.4
+        saturation = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.6 + 0.7
+        contrast = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.5 + 0.75
+
+        def color(x):
+            x = x + brightness
+            x = (x - x.mean(dim=1, keepdim=True)) * saturation + x.mean(dim=1, keepdim=True)
+            return (x - x.mean(dim=(1, 2, 3), keepdim=True)) * contrast + x.mean(dim=(1, 2, 3), keepdim=True)
+
+        images = [color(x) for x in images]
+    tensors = [masks, *images]
     if "translation" in policy:
         shift = size // 8
-        dx, dy = (torch.randint(-shift, shift + 1, (2,)).tolist())
-        both = torch.roll(both, shifts=(dy, dx), dims=(2, 3))
+        dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+        tensors = [torch.roll(x, shifts=(dy, dx), dims=(2, 3)) for x in tensors]
     if "cutout" in policy:
-        half = size // 4
-        cy, cx = torch.randint(0, size, (2, n, 1, 1), device=both.device)
-        ys = torch.arange(size, device=both.device).view(1, size, 1)
-        xs = torch.arange(size, device=both.device).view(1, 1, size)
-        keep = ((ys - cy).abs() >= half // 2) | ((xs - cx).abs() >= half // 2)
-        both = both * keep.unsqueeze(1).to(both.dtype)
-    return both[:, :masks.shape[1]], both[:, masks.shape[1]:]
+        half = size // 8
+        cy, cx = torch.randint(0, size, (2, n, 1, 1, 1), device=device)
+        ys = torch.arange(size, device=device).view(1, 1, size, 1)
+        xs = torch.arange(size, device=device).view(1, 1, 1, size)
+        keep = (((ys - cy).abs() >= half) | ((xs - cx).abs() >= half)).to(dtype)
+        tensors = [x * keep for x in tensors]
+    return tuple(tensors)
 
 
 def gan_loss(prediction, is_real, mode, for_generator=False):
@@ -177,7 +187,7 @@ def build_trainer(config, args, device, world_size=1):
         G=G, D=D, config=config, device=device, dtype=dtype, memory_format=memory_format,
         opt_G=make_optimizer(G, args, device), opt_D=make_optimizer(D, args, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        ema=None, lambda_l1=args.lambda_l1, gan_loss=args.gan_loss, diffaug=args.diffaug,
+        ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, gan_loss=args.gan_loss, diffaug=args.diffaug,
         freeze_D=args.freeze_d, bad_steps=0, step=0,
     )
     if args.ema > 0:
@@ -208,7 +218,7 @@ def optimizer_step(t, loss, optimizer, params, name):
     if finite:
         t.scaler.step(optimizer)
     elif t.dtype != torch.float16 or not torch.isfinite(loss):  # fp16 overflow is the scaler's normal business
-        print(f"\nwarning: step {t.step}: non-finite {name} loss/gradients ({float(loss):.4g}); update skipped", file=sys.stderr)
+        print(f"\nwarning: step {t.step}: non-finite {name} loss/gradients ({loss.item():.4g}); update skipped", file=sys.stderr)
     optimizer.zero_grad(set_to_none=True)
     return finite
 
@@ -222,8 +232,8 @@ def train_step(t, masks, reals, class_planes=None):
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
     with autocast:
-        d_real = t.D_train(*diff_augment(cond, reals, t.diffaug))
-        d_fake = t.D_train(*diff_augment(cond, fakes.detach(), t.diffaug))
+        d_real = t.D_train(*diff_augment(cond, reals, policy=t.diffaug))
+        d_fake = t.D_train(*diff_augment(cond, fakes.detach(), policy=t.diffaug))
     loss_D = 0.5 * (gan_loss(d_real, True, t.gan_loss) + gan_loss(d_fake, False, t.gan_loss))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
@@ -231,10 +241,19 @@ def train_step(t, masks, reals, class_planes=None):
     # and calling the plain module keeps DDP from waiting for gradients that never come.
     t.D.requires_grad_(not t.freeze_D)
     with autocast:
-        d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, t.diffaug))
+        cond_aug, fakes_aug, reals_aug = diff_augment(cond, fakes, reals, policy=t.diffaug)
+        if t.lambda_fm > 0:
+            d_fake_for_G, fake_features = t.D_plain(cond_aug, fakes_aug, return_features=True)
+            with torch.no_grad():
+                _, real_features = t.D_plain(cond_aug, reals_aug, return_features=True)
+        else:
+            d_fake_for_G = t.D_plain(cond_aug, fakes_aug)
     loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True)
     loss_G_l1 = F.l1_loss(fakes.float(), reals.float())
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
+    if t.lambda_fm > 0:
+        # Matching D's features of the same (augmented) real image gives G a dense texture signal.
+        loss_G = loss_G + t.lambda_fm * sum(F.l1_loss(f.float(), r.float()) for f, r in zip(fake_features, real_features))
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G.parameters(), "G")
     t.D.requires_grad_(True)
     if not t.freeze_D:
@@ -329,6 +348,12 @@ def main(argv=None):
         args, state = resolve_resume(args, parser, argv)
     device, rank, world_size = setup_distributed(args.device)
     master = rank == 0
+    if device.type == "cuda":
+        # Autotuned cuDNN kernels and TF32 matmuls are the fast path; --deterministic trades them for
+        # bit-repeatable runs (CPU runs are repeatable either way).
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     torch.manual_seed(args.seed + rank)  # different dropout per rank; weights come from rank 0 via DDP
 
     # ---- data
@@ -336,6 +361,10 @@ def main(argv=None):
     classes = sorted(set(labels.values())) if args.conditional else []
     if args.conditional and not classes:
         sys.exit(f"error: --conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
+    config = state["config"] if state else models.make_config(
+        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
+        d_spectral_norm=args.d_spectral_norm, noise_dim=args.noise_dim, noise_injection=args.noise_injection,
+        n_classes=len(classes), classes=classes)
     train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True,
                               labels=labels, classes=classes, num_workers=max(args.num_workers, 1))
     if not train_set.has_images:
@@ -357,9 +386,6 @@ def main(argv=None):
     sampler = loader.sampler
 
     # ---- model
-    config = state["config"] if state else models.make_config(
-        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
-        d_spectral_norm=args.d_spectral_norm, n_classes=len(classes), classes=classes)
     t = build_trainer(config, args, device, world_size)
     decay_from = int(args.lr_decay_start * args.n_epochs)
     decay = lambda e: 1.0 - max(0, e - decay_from) / max(1, args.n_epochs - decay_from)  # noqa: E731
@@ -426,7 +452,7 @@ def main(argv=None):
         started = time.time()
         sums = {k: torch.zeros((), device=device) for k in ("loss_D", "loss_G_gan", "loss_G_l1")}
         n_steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.n_epochs}", disable=not master, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{args.n_epochs}", disable=None if master else True, leave=False, dynamic_ncols=True)
         for batch_index, (masks, reals, labels_batch, _) in enumerate(bar):
             masks = to_model_range(masks, device, t.memory_format)
             reals = to_model_range(reals, device, t.memory_format)

@@ -1,0 +1,811 @@
+"""Evaluate a trained Skin Lesion PixelGAN: realism, downstream usefulness, training curves.
+
+Realism (paired L1/PSNR/SSIM, FID/KID with a real-vs-real reference, diversity) on a split:
+    python evaluate.py --model_folder pixelgan_models/<TS> --data_dir data [--split test]
+        -> pixelgan_outputs/<TS>/eval_epoch_<E>/{per_image.csv, summary.json}
+
+Downstream usefulness: a classifier trained from scratch on real images, and on real images plus
+synthetic images of the minority classes, both tested on the real test split (mean +- std over seeds):
+    python evaluate.py --downstream --data_dir data --synthetic_dir DIR          (generate.py --balance output)
+    python evaluate.py --downstream --data_dir data --model_folder pixelgan_models/<TS>
+        -> <output_dir>/{downstream.json, downstream.png}
+
+Training curves from a run's metrics.csv, for people without TensorBoard:
+    python evaluate.py --plot pixelgan_outputs/<TS>          -> pixelgan_outputs/<TS>/curves.png
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchmetrics.functional.classification import binary_auroc, multiclass_recall
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import metrics
+import models
+from dataset import PairedDataset, read_labels
+from generate import render
+
+SETTINGS = ("real_only", "real_plus_synthetic")
+SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
+SETTING_COLORS = {"real_only": (66, 110, 180), "real_plus_synthetic": (232, 128, 40)}
+
+
+def to_float(images_uint8):
+    return images_uint8.float() / 127.5 - 1
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_model_path(args):
+    if args.model_path:
+        return args.model_path
+    return models.latest_generator_path(args.model_folder)
+
+
+def checkpoint_epoch(path, ckpt):
+    if isinstance(ckpt.get("epoch"), int):
+        return ckpt["epoch"]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    tail = stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else "unknown"
+
+
+def run_name(model_path):
+    # Models and outputs share the run's timestamp folder name: pixelgan_models/<TS> <-> pixelgan_outputs/<TS>.
+    return os.path.basename(os.path.normpath(os.path.dirname(os.path.abspath(model_path))))
+
+
+def render_in_chunks(generator, config, masks, labels, args, desc):
+    """Deterministic renders in a few calls, only so that a long split shows progress."""
+    chunk = max(args.batch_size, 1) * 8
+    out = []
+    for start in tqdm(range(0, len(masks), chunk), desc=desc, unit="chunk", disable=None):
+        part_labels = labels[start:start + chunk] if labels is not None else None
+        out.append(render(generator, config, masks[start:start + chunk], labels=part_labels, device=args.device,
+                          batch_size=args.batch_size, amp=args.amp, stochastic=False, seed=args.seed))
+    return torch.cat(out)
+
+
+def fmt(value, spec=".4f"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def mean_finite(values):
+    """Mean over finite entries: one pixel-identical pair (PSNR = inf) must not make the mean infinite."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
+def json_safe(obj):
+    # json.dump would write NaN/Infinity, which strict JSON readers reject.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(json_safe(obj), f, indent=2)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------ realism
+
+
+def distribution_block(fake_uint8, real_uint8, args):
+    """FID/KID of generated vs real, and the like-for-like reference on disjoint halves, or the reason why not."""
+    extractor, reason = metrics.load_inception(args.inception_weights, device=args.device)
+    if extractor is None:
+        return {"status": reason}
+    try:
+        fake = metrics.extract_features(fake_uint8, extractor, args.device, args.batch_size)
+        real = metrics.extract_features(real_uint8, extractor, args.device, args.batch_size)
+        full = metrics.feature_metrics(fake, real)
+        # FID is biased by sample size, so the real-vs-real floor is only comparable with a generated-vs-real
+        # number at the same size: generated images of half A (their masks) against the real images of half B.
+        a, b = metrics.split_halves(len(real), args.seed)
+        halves = metrics.feature_metrics(fake[a], real[b])
+        reference = metrics.feature_metrics(real[a], real[b])
+    except ValueError as e:  # too few images for FID/KID
+        return {"status": f"unavailable: {e}"}
+    return {"status": "ok", "n_generated": len(fake), "n_real": len(real), "generated_vs_real": full,
+            "half_size": len(a), "generated_vs_real_halves": halves, "real_vs_real_reference": reference}
+
+
+def diversity_block(generator, config, masks, labels, args):
+    n_masks = min(args.n_diversity_masks, len(masks))
+    if args.n_variations < 2 or n_masks < 1:
+        return {"status": "skipped (needs --n_variations >= 2 and at least one mask)"}
+    sub_labels = labels[:n_masks] if labels is not None else None
+    variations = [render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
+                         batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
+                  for k in tqdm(range(args.n_variations), desc="diversity", unit="render", disable=None)]
+    value, distance = metrics.diversity(to_float(torch.stack(variations, 1)))
+    return {"status": "ok", "value": value, "distance": distance, "n_masks": n_masks, "n_variations": args.n_variations}
+
+
+def print_realism_table(summary):
+    paired, dist, div = summary["paired"], summary["distribution"], summary["diversity"]
+    print(f"\nRealism: {summary['model_path']} (epoch {summary['epoch']}), {summary['split']} split, "
+          f"{summary['n_images']} images at {summary['img_size']}x{summary['img_size']}")
+    print(f"  {'metric':<22}{'generated vs real':>24}{'real vs real (reference)':>28}")
+    print(f"  {'L1 ([-1,1] units)':<22}{fmt(paired['l1']):>24}")
+    print(f"  {'PSNR (dB)':<22}{fmt(paired['psnr'], '.2f'):>24}")
+    print(f"  {'SSIM':<22}{fmt(paired['ssim']):>24}")
+    if dist["status"] != "ok":
+        print(f"  {'FID / KID':<22}  {dist['status']}")
+    else:
+        h, r, full = dist["generated_vs_real_halves"], dist["real_vs_real_reference"], dist["generated_vs_real"]
+        n = dist["half_size"]
+        print(f"  {f'FID ({n} vs {n})':<22}{fmt(h['fid'], '.2f'):>24}{fmt(r['fid'], '.2f'):>28}")
+        print(f"  {'KID x1000':<22}{fmt(1000 * h['kid_mean'], '.2f') + ' +- ' + fmt(1000 * h['kid_std'], '.2f'):>24}"
+              f"{fmt(1000 * r['kid_mean'], '.2f') + ' +- ' + fmt(1000 * r['kid_std'], '.2f'):>28}")
+        m = dist["n_generated"]
+        print(f"  {f'FID ({m} vs {m})':<22}{fmt(full['fid'], '.2f'):>24}")
+        print(f"  {'KID x1000':<22}{fmt(1000 * full['kid_mean'], '.2f') + ' +- ' + fmt(1000 * full['kid_std'], '.2f'):>24}")
+    if div["status"] == "ok":
+        label = f"diversity ({div['distance']})"
+        print(f"  {label:<22}{fmt(div['value']):>24}   ({div['n_masks']} masks x {div['n_variations']} renders; 0 = ignores noise)")
+    else:
+        print(f"  {'diversity':<22}  {div['status']}")
+    for name, row in summary.get("per_class", {}).items():
+        print(f"  class {name:<16}{'n=' + str(row['n']):>8}  L1 {fmt(row['l1'])}  PSNR {fmt(row['psnr'], '.2f')}  SSIM {fmt(row['ssim'])}")
+
+
+def evaluate_realism(args):
+    t0 = time.time()
+    model_path = resolve_model_path(args)
+    generator, config, ckpt = models.load_generator(model_path)
+    generator.eval()
+    img_size = config["img_size"]
+    if args.img_size is not None and args.img_size != img_size:
+        raise SystemExit(f"--img_size {args.img_size} differs from the checkpoint's img_size {img_size}; "
+                         "realism is measured at the size the generator was trained for")
+    epoch = checkpoint_epoch(model_path, ckpt)
+    out_dir = args.output_dir or os.path.join("pixelgan_outputs", run_name(model_path), f"eval_epoch_{epoch}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    conditional = config.get("n_classes", 0) > 0
+    classes = list(config.get("classes") or [])
+    labels = read_labels(args.data_dir)
+    if not classes and labels:  # unconditional model: classes only group the per-class report
+        classes = sorted(set(labels.values()))
+    data = PairedDataset(os.path.join(args.data_dir, args.split), img_size, labels=labels, classes=classes,
+                         num_workers=args.num_workers)
+    if data.images is None:
+        raise SystemExit(f"{os.path.join(args.data_dir, args.split)}: has no originals/ folder; realism needs the real images")
+    if conditional and bool((data.labels < 0).any()):
+        missing = [n for n, l in zip(data.names, data.labels.tolist()) if l < 0][:5]
+        raise SystemExit(f"class-conditional model but no known class for e.g. {missing} "
+                         f"(labels.csv classes must be among {classes})")
+    render_labels = data.labels if conditional else None
+
+    fake = render_in_chunks(generator, config, data.masks, render_labels, args, desc="render")
+    per_image = {k: [] for k in ("l1", "psnr", "ssim")}
+    for start in range(0, len(fake), args.batch_size):  # SSIM's windows make a full-split call memory-hungry
+        m = metrics.paired_metrics(to_float(fake[start:start + args.batch_size]),
+                                   to_float(data.images[start:start + args.batch_size]))
+        for k in per_image:
+            per_image[k].append(m[k].double())
+    per_image = {k: torch.cat(v) for k, v in per_image.items()}
+    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "l1", "psnr", "ssim"])
+        for i, name in enumerate(data.names):
+            writer.writerow([name] + [f"{float(per_image[k][i]):.6f}" for k in ("l1", "psnr", "ssim")])
+
+    summary = {
+        "model_path": model_path, "epoch": epoch, "data_dir": args.data_dir, "split": args.split,
+        "n_images": len(data.names), "img_size": img_size, "seed": args.seed,
+        "paired": {k: mean_finite(v) for k, v in per_image.items()},
+        "paired_note": ("means over images (PSNR over finite values: a pixel-identical pair is inf); "
+                        "L1 in [-1,1] units, PSNR/SSIM on [0,1] images (data_range=1)"),
+    }
+    if classes and bool((data.labels >= 0).any()):
+        summary["per_class"] = {c: {"n": int((data.labels == i).sum()), **{k: mean_finite(v[data.labels == i]) for k, v in per_image.items()}}
+                                for i, c in enumerate(classes) if bool((data.labels == i).any())}
+    summary["distribution"] = distribution_block(fake, data.images, args)
+    summary["diversity"] = diversity_block(generator, config, data.masks, render_labels, args)
+    summary["seconds"] = round(time.time() - t0, 1)
+    write_json(summary, os.path.join(out_dir, "summary.json"))
+    print_realism_table(summary)
+    print(f"\nwrote {os.path.join(out_dir, 'per_image.csv')} and summary.json ({summary['seconds']} s)")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- downstream
+
+
+class SmallCNN(nn.Module):
+    """A few-second classifier for tests and smoke runs; not a baseline to quote."""
+
+    def __init__(self, n_classes):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (16, 32, 64):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            c_in = c_out
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, n_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_classifier(name, n_classes):
+    if name == "small":
+        return SmallCNN(n_classes)
+    from torchvision.models import resnet18
+    return resnet18(weights=None, num_classes=n_classes)  # from scratch: no ImageNet prior to blur the comparison
+
+
+class Rot90(v2.Transform):
+    """A random multiple of 90 degrees: lesions have no canonical orientation and this never resamples."""
+
+    def make_params(self, flat_inputs):
+        return dict(k=int(torch.randint(4, ()).item()))
+
+    def transform(self, inpt, params):
+        return torch.rot90(inpt, params["k"], (-2, -1))
+
+
+def classifier_augmentation():
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), Rot90(),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2)])
+
+
+class ImageSet(torch.utils.data.Dataset):
+    def __init__(self, images_uint8, labels, transform=None):
+        self.images, self.labels, self.transform = images_uint8, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[i]
+
+
+def class_weights(labels, n_classes):
+    """Inverse-frequency weights (mean 1 over classes), so each class counts alike in the loss."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+def train_classifier(images, labels, n_classes, args, seed, desc="train"):
+    torch.manual_seed(seed)
+    device = args.device
+    model = make_classifier(args.classifier, n_classes).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels, n_classes).to(device))
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        ImageSet(images, labels, classifier_augmentation()), batch_size=args.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(seed), drop_last=len(images) > args.batch_size)  # no size-1 BatchNorm batches
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs * len(loader)))
+    use_amp = args.amp and device.startswith("cuda")
+    model.train()
+    bar = tqdm(range(args.epochs), desc=desc, unit="epoch", disable=None, leave=False)
+    for _ in bar:
+        total, n = 0.0, 0
+        for x, y in loader:
+            x, y = to_float(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+    return model
+
+
+@torch.inference_mode()
+def predict_proba(model, images, args):
+    model.eval()
+    out = []
+    for start in range(0, len(images), args.batch_size):
+        x = to_float(images[start:start + args.batch_size].to(args.device))
+        out.append(model(x).float().softmax(1).cpu())
+    return torch.cat(out)
+
+
+def classification_metrics(probs, target, classes, positive):
+    """Balanced accuracy, per-class recall, and positive-vs-rest ROC AUC from class probabilities.
+
+    Classes absent from ``target`` get recall NaN and are left out of balanced accuracy (torchmetrics
+    would report 0 for them); AUC is NaN when the positive class or its complement is absent.
+    """
+    n_classes = len(classes)
+    preds = probs.argmax(1)
+    recall = multiclass_recall(preds, target, num_classes=n_classes, average=None).double()
+    support = torch.bincount(target, minlength=n_classes)
+    recall = torch.where(support > 0, recall, torch.full_like(recall, float("nan")))
+    pos = classes.index(positive)
+    is_pos = (target == pos).long()
+    auroc = float(binary_auroc(probs[:, pos], is_pos)) if 0 < int(is_pos.sum()) < len(is_pos) else float("nan")
+    return {"balanced_accuracy": float(recall[support > 0].mean()) if bool((support > 0).any()) else float("nan"),
+            "accuracy": float((preds == target).double().mean()),
+            "recall": {c: float(r) for c, r in zip(classes, recall)},
+            "auroc": auroc}
+
+
+def mean_std(values):
+    """Mean and sample std over seeds; std is None for a single seed (there is no spread to report)."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return {"mean": float("nan"), "std": None, "values": values}
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return {"mean": float(np.mean(vals)), "std": std, "values": values}
+
+
+def labelled_split(data_dir, split, size, labels, classes, num_workers):
+    data = PairedDataset(os.path.join(data_dir, split), size, labels=labels, classes=classes, num_workers=num_workers)
+    if data.images is None:
+        raise SystemExit(f"{os.path.join(data_dir, split)}: has no originals/ folder")
+    keep = data.labels >= 0
+    if not bool(keep.all()):
+        print(f"{split}: {int((~keep).sum())} images without a known class are left out")
+    return data, keep
+
+
+def resize_images(images_uint8, size):
+    if images_uint8.shape[-1] == size:
+        return images_uint8
+    # area when shrinking, as dataset.py does for the real images, so both sources are resampled alike
+    mode = "area" if images_uint8.shape[-1] > size else "bilinear"
+    x = F.interpolate(images_uint8.float(), size=(size, size), mode=mode)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def read_synthetic_dir(folder, classes, size):
+    """{class: uint8 N x 3 x S x S} from generate.py --balance output: DIR/labels.csv (path relative to DIR, label)."""
+    path = os.path.join(folder, "labels.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: not found (expected DIR/labels.csv with image path and label columns)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "label" in header:  # a header row; the path is whichever other column names a file
+        label_col = header.index("label")
+        path_col = next((header.index(c) for c in ("image", "path", "image_path", "file", "filename", "image_id") if c in header),
+                        1 - label_col if len(header) == 2 else 0)
+        rows = rows[1:]
+    else:
+        path_col, label_col = 0, 1
+    found = {c: [] for c in classes}
+    ignored = {}
+    for row in sorted(rows, key=lambda r: r[path_col]):
+        label = row[label_col].strip()
+        if label not in found:
+            ignored[label] = ignored.get(label, 0) + 1
+            continue
+        image = cv2.imread(os.path.join(folder, row[path_col]), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SystemExit(f"{os.path.join(folder, row[path_col])}: listed in labels.csv but cannot be read")
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        found[label].append(torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1))))
+    if ignored:
+        print(f"{path}: ignored images of classes not in the training labels: {ignored}")
+    return {c: torch.stack(v) if v else torch.zeros((0, 3, size, size), dtype=torch.uint8) for c, v in found.items()}
+
+
+def synthesize(model_path, data_dir, classes, requested, args):
+    """{class: uint8 images}: `requested[class]` renders made exactly as generate.py --class/--balance
+    makes them (jittered masks of that class, stochastic generator)."""
+    from generate import class_images
+    generator, config, _ = models.load_generator(model_path)
+    labels = read_labels(data_dir)
+    train = PairedDataset(os.path.join(data_dir, "train"), config["img_size"], labels=labels, classes=classes,
+                          num_workers=args.num_workers)
+    out = {}
+    for k, (name, n) in enumerate(requested.items()):
+        if n <= 0:
+            continue
+        try:
+            images = class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
+                                  seed=args.seed + k)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        out[name] = resize_images(images, args.img_size)
+        print(f"generated {n} {name} images from the {name} train masks")
+    return out
+
+
+def positive_class(classes, minority):
+    for c in classes:
+        if c.lower() in ("melanoma", "mel"):
+            return c, "the class named melanoma"
+    pool = minority or classes
+    return pool[0], "first minority class (no class named melanoma)" if minority else "first class (no minority class)"
+
+
+def print_downstream_table(result):
+    classes, pos = result["classes"], result["positive_class"]
+    print(f"\nDownstream: {result['classifier']} from scratch at {result['img_size']}x{result['img_size']}, "
+          f"{result['epochs']} epochs, seeds {result['seeds']}; tested on {result['n_test']} real {result['test_split']} images")
+    print(f"  positive class for AUC: {pos} ({result['positive_class_reason']}); minority classes: {result['minority_classes']}")
+
+    def cell(ms):
+        return fmt(ms["mean"]) + (" +- " + fmt(ms["std"]) if ms["std"] is not None else "")
+
+    cols = ["balanced acc", f"AUC {pos}-vs-rest"] + [f"recall {c}" for c in classes]
+    print("  " + f"{'setting':<20}{'real':>7}{'synth':>7}" + "".join(f"{c:>22}" for c in cols))
+    for s in SETTINGS:
+        r = result["settings"][s]
+        cells = [cell(r["balanced_accuracy"]), cell(r["auroc"])] + [cell(r["recall"][c]) for c in classes]
+        print("  " + f"{SETTING_NAMES[s]:<20}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>22}" for c in cells))
+    a = result["settings"]["real_only"]["balanced_accuracy"]["mean"]
+    b = result["settings"]["real_plus_synthetic"]["balanced_accuracy"]["mean"]
+    verdict = "helped" if b > a else "did not help" if b < a else "made no difference"
+    print(f"  synthetic images {verdict}: balanced accuracy {fmt(a)} -> {fmt(b)} ({fmt(b - a, '+.4f')})")
+
+
+def evaluate_downstream(args):
+    t0 = time.time()
+    if args.img_size is None:
+        args.img_size = 128
+    labels = read_labels(args.data_dir)
+    if not labels:
+        raise SystemExit(f"{os.path.join(args.data_dir, 'labels.csv')}: no labels; downstream needs classes")
+    classes = sorted(set(labels.values()))
+    train, train_keep = labelled_split(args.data_dir, "train", args.img_size, labels, classes, args.num_workers)
+    test, test_keep = labelled_split(args.data_dir, args.split, args.img_size, labels, classes, args.num_workers)
+    x_real, y_real = train.images[train_keep], train.labels[train_keep]
+    x_test, y_test = test.images[test_keep], test.labels[test_keep]
+    counts = torch.bincount(y_real, minlength=len(classes))
+    present = [c for c, n in zip(classes, counts.tolist()) if n > 0]
+    if len(present) < 2:
+        raise SystemExit(f"need at least two classes in the train split, found {present}")
+    target = args.minority_to if args.minority_to is not None else int(counts.max())
+    requested = {c: max(0, target - int(n)) for c, n in zip(classes, counts.tolist()) if n > 0}
+    minority = [c for c, n in requested.items() if n > 0]
+    pos, pos_reason = positive_class(present, minority)
+
+    if args.synthetic_dir:
+        available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
+        synthetic, source = {}, f"directory {args.synthetic_dir}"
+        for c in minority:
+            synthetic[c] = available[c][:requested[c]]
+            if len(synthetic[c]) < requested[c]:
+                print(f"warning: {c}: {requested[c]} synthetic images wanted to reach {target}, "
+                      f"{len(available[c])} in {args.synthetic_dir}; using all of them")
+    elif args.model_folder or args.model_path:
+        model_path = resolve_model_path(args)
+        synthetic, source = synthesize(model_path, args.data_dir, classes, requested, args), f"generator {model_path}"
+    else:
+        raise SystemExit("--downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
+
+    syn_classes = [c for c in minority if c in synthetic and len(synthetic[c])]
+    x_syn = torch.cat([synthetic[c] for c in syn_classes]) if syn_classes else x_real[:0]
+    y_syn = torch.cat([torch.full((len(synthetic[c]),), classes.index(c), dtype=torch.long) for c in syn_classes]) \
+        if syn_classes else y_real[:0]
+    train_sets = {"real_only": (x_real, y_real), "real_plus_synthetic": (torch.cat([x_real, x_syn]), torch.cat([y_real, y_syn]))}
+    n_syn = {c: len(synthetic.get(c, ())) for c in present}
+
+    seeds = [args.seed + i for i in range(args.seeds)]
+    runs = {s: [] for s in SETTINGS}
+    for seed in seeds:
+        for s in SETTINGS:
+            x, y = train_sets[s]
+            model = train_classifier(x, y, len(classes), args, seed, desc=f"{s} seed {seed}")
+            runs[s].append(classification_metrics(predict_proba(model, x_test, args), y_test, classes, pos))
+            r = runs[s][-1]
+            print(f"seed {seed} {SETTING_NAMES[s]:<17} balanced acc {fmt(r['balanced_accuracy'])}  AUC {fmt(r['auroc'])}")
+
+    result = {
+        "data_dir": args.data_dir, "test_split": args.split, "classes": classes, "classifier": args.classifier,
+        "img_size": args.img_size, "epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "seeds": seeds,
+        "synthetic_source": source, "minority_to": target, "minority_classes": minority,
+        "positive_class": pos, "positive_class_reason": pos_reason,
+        "n_test": len(y_test), "n_test_per_class": {c: int((y_test == i).sum()) for i, c in enumerate(classes)},
+        "synthetic_requested_per_class": {c: requested[c] for c in present},
+        "settings": {},
+    }
+    for s in SETTINGS:
+        syn = n_syn if s == "real_plus_synthetic" else {c: 0 for c in present}
+        result["settings"][s] = {
+            "n_real": len(y_real), "n_synthetic": sum(syn.values()),
+            "n_real_per_class": {c: int(n) for c, n in zip(classes, counts.tolist()) if n > 0},
+            "n_synthetic_per_class": syn,
+            "balanced_accuracy": mean_std([r["balanced_accuracy"] for r in runs[s]]),
+            "accuracy": mean_std([r["accuracy"] for r in runs[s]]),
+            "auroc": mean_std([r["auroc"] for r in runs[s]]),
+            "recall": {c: mean_std([r["recall"][c] for r in runs[s]]) for c in classes},
+        }
+    result["seconds"] = round(time.time() - t0, 1)
+
+    out_dir = args.output_dir or default_downstream_dir(args)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(result, os.path.join(out_dir, "downstream.json"))
+    legend = {s: f"{SETTING_NAMES[s]} ({result['settings'][s]['n_real']} real + {result['settings'][s]['n_synthetic']} synthetic)"
+              for s in SETTINGS}
+    chart = {legend[s]: {"balanced accuracy": result["settings"][s]["balanced_accuracy"],
+                                f"{pos} recall": result["settings"][s]["recall"][pos],
+                                f"{pos}-vs-rest AUC": result["settings"][s]["auroc"]} for s in SETTINGS}
+    bar_chart(chart, os.path.join(out_dir, "downstream.png"),
+              title=f"{args.classifier} on real {args.split} images, mean +- std over {len(seeds)} seed(s)",
+              colors=[SETTING_COLORS[s] for s in SETTINGS])
+    print_downstream_table(result)
+    print(f"\nwrote {os.path.join(out_dir, 'downstream.json')} and downstream.png ({result['seconds']} s)")
+    return result
+
+
+def default_downstream_dir(args):
+    if args.model_folder or args.model_path:
+        return os.path.join("pixelgan_outputs", run_name(resolve_model_path(args)), "downstream")
+    return os.path.join("pixelgan_outputs", "downstream_" + time.strftime("%Y%m%d-%H%M%S"))
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0]
+    if hi <= lo:
+        lo, hi = lo - (abs(lo) * 0.1 or 1), hi + (abs(hi) * 0.1 or 1)
+    raw = (hi - lo) / max(n, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    ticks, v = [], first
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 12))
+        v += step
+    if ticks[-1] < hi:
+        ticks.append(round(v, 12))
+    return ticks
+
+
+def tick_label(v):
+    return f"{v:.4g}" if v != 0 else "0"
+
+
+def line_panel(draw, box, series, title, xlabel, colors):
+    """Axes, ticks, grid, one polyline per series and a legend inside box = (x0, y0, x1, y1).
+
+    series: {name: [(x, y), ...]}; points with a non-finite y are skipped (epochs without evaluation)."""
+    f_small, f_title = font(12), font(14)
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 62, x1 - 24, y0 + 46, y1 - 40
+    draw.text(((x0 + x1) / 2, y0 + 6), title, fill="black", font=f_title, anchor="mt")
+    pts = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}
+    allp = [p for v in pts.values() for p in v]
+    draw.rectangle([left, top, right, bottom], outline=(90, 90, 90))
+    if not allp:
+        draw.text(((left + right) / 2, (top + bottom) / 2), "no data", fill=(120, 120, 120), font=f_small, anchor="mm")
+        return
+    xt = nice_ticks(min(p[0] for p in allp), max(p[0] for p in allp))
+    yt = nice_ticks(min(p[1] for p in allp), max(p[1] for p in allp))
+    xlo, xhi, ylo, yhi = xt[0], xt[-1], yt[0], yt[-1]
+
+    def to_px(x, y):
+        return (left + (x - xlo) / (xhi - xlo) * (right - left), bottom - (y - ylo) / (yhi - ylo) * (bottom - top))
+
+    for v in yt:
+        _, py = to_px(xlo, v)
+        draw.line([left, py, right, py], fill=(228, 228, 228))
+        draw.line([left - 4, py, left, py], fill=(90, 90, 90))
+        draw.text((left - 6, py), tick_label(v), fill="black", font=f_small, anchor="rm")
+    for v in xt:
+        px, _ = to_px(v, ylo)
+        draw.line([px, bottom, px, bottom + 4], fill=(90, 90, 90))
+        draw.text((px, bottom + 6), tick_label(v), fill="black", font=f_small, anchor="mt")
+    draw.text(((left + right) / 2, y1 - 6), xlabel, fill="black", font=f_small, anchor="mb")
+    for (name, p), color in zip(pts.items(), colors):
+        xy = [to_px(x, y) for x, y in sorted(p)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for px, py in xy if len(xy) <= 40 else []:  # markers only while they stay readable
+            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=color)
+    # legend in its own strip under the title, so it never hides a curve
+    names = [(name, color) for (name, p), color in zip(pts.items(), colors) if p]
+    widths = [draw.textlength(name, font=f_small) + 30 for name, _ in names]
+    lx = (left + right - sum(widths)) / 2
+    for (name, color), w in zip(names, widths):
+        draw.line([lx, y0 + 33, lx + 16, y0 + 33], fill=color, width=3)
+        draw.text((lx + 20, y0 + 33), name, fill="black", font=f_small, anchor="lm")
+        lx += w
+
+
+def bar_chart(groups, path, title, colors):
+    """Grouped bars with +-std error bars on a 0..1 axis. groups: {setting: {metric: {"mean", "std"}}}."""
+    settings = list(groups)
+    metric_names = list(next(iter(groups.values())))
+    f_small, f_title = font(13), font(15)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = max(probe.textlength(name, font=f_small) for name in settings) + 60
+    width, height = int(100 + 200 * len(metric_names) + legend_w), 460
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, width - legend_w, 50, height - 60
+    draw.text((width / 2, 14), title, fill="black", font=f_title, anchor="mt")
+    for v in [i / 10 for i in range(11)]:
+        py = bottom - v * (bottom - top)
+        draw.line([left, py, right, py], fill=(225, 225, 225) if v > 0 else (90, 90, 90))
+        if abs(v * 5 - round(v * 5)) < 1e-9:  # a label every 0.2, a grid line every 0.1
+            draw.text((left - 8, py), f"{v:.1f}", fill="black", font=f_small, anchor="rm")
+    draw.line([left, top, left, bottom], fill=(90, 90, 90))
+    slot = (right - left) / len(metric_names)
+    bar_w = slot * 0.7 / len(settings)
+    for m, metric in enumerate(metric_names):
+        cx = left + slot * (m + 0.5)
+        draw.text((cx, bottom + 10), metric, fill="black", font=f_small, anchor="mt")
+        for s, setting in enumerate(settings):
+            ms = groups[setting][metric]
+            bx = cx - slot * 0.35 + s * bar_w
+            mean = ms["mean"]
+            if mean is None or not math.isfinite(mean):
+                draw.text((bx + bar_w / 2, bottom - 4), "n/a", fill=(120, 120, 120), font=f_small, anchor="mb")
+                continue
+            py = bottom - max(0.0, min(1.0, mean)) * (bottom - top)
+            draw.rectangle([bx + 2, py, bx + bar_w - 2, bottom - 1], fill=colors[s])
+            label_y = py
+            if ms.get("std") is not None:
+                lo = bottom - max(0.0, min(1.0, mean - ms["std"])) * (bottom - top)
+                hi = bottom - max(0.0, min(1.0, mean + ms["std"])) * (bottom - top)
+                mx = bx + bar_w / 2
+                draw.line([mx, lo, mx, hi], fill="black", width=2)
+                draw.line([mx - 6, lo, mx + 6, lo], fill="black", width=2)
+                draw.line([mx - 6, hi, mx + 6, hi], fill="black", width=2)
+                label_y = hi
+            draw.text((bx + bar_w / 2, label_y - 3), f"{mean:.3f}", fill="black", font=f_small, anchor="mb")
+    ly = top
+    for s, setting in enumerate(settings):
+        draw.rectangle([right + 20, ly, right + 36, ly + 14], fill=colors[s])
+        draw.text((right + 42, ly + 7), setting, fill="black", font=f_small, anchor="lm")
+        ly += 22
+    img.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- curves
+
+CURVE_PANELS = [
+    ("GAN losses (train)", ["loss_D", "loss_G_gan"]),
+    ("L1 loss (train)", ["loss_G_l1"]),
+    ("learning rate", ["lr"]),
+    ("test L1 ([-1,1] units)", ["test_l1"]),
+    ("test PSNR (dB)", ["test_psnr"]),
+    ("test SSIM", ["test_ssim"]),
+]
+CURVE_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def read_metrics_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(v):
+        try:
+            return float(v) if v not in (None, "") else None
+        except ValueError:
+            return None
+
+    return [{k: num(v) for k, v in row.items()} for row in rows]
+
+
+def plot_curves(run_dir, out_path=None):
+    path = os.path.join(run_dir, "metrics.csv") if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: not found (train.py writes pixelgan_outputs/<TS>/metrics.csv)")
+    rows = read_metrics_csv(path)
+    if not rows:
+        raise SystemExit(f"{path}: has a header but no rows yet")
+    epochs = [r.get("epoch") for r in rows]
+    # One row per epoch is the norm; if a run logs several per epoch, step keeps the x-axis monotonic.
+    by_step = len(set(epochs)) < len(epochs) and all(r.get("step") is not None for r in rows)
+    xkey, xlabel = ("step", "step") if by_step else ("epoch", "epoch")
+    cols, rows_n = 3, math.ceil(len(CURVE_PANELS) / 3)
+    pw, ph = 420, 300
+    img = Image.new("RGB", (cols * pw, rows_n * ph + 34), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((cols * pw / 2, 8), f"training curves: {os.path.abspath(path)}", fill="black", font=font(15), anchor="mt")
+    for i, (title, keys) in enumerate(CURVE_PANELS):
+        box = ((i % cols) * pw, 34 + (i // cols) * ph, (i % cols + 1) * pw, 34 + (i // cols + 1) * ph)
+        series = {k: [(r[xkey], r.get(k)) for r in rows if r.get(xkey) is not None] for k in keys}
+        line_panel(draw, box, series, title, xlabel, CURVE_COLORS)
+    out_path = out_path or os.path.join(os.path.dirname(path), "curves.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    img.save(out_path)
+    print(f"wrote {out_path} ({len(rows)} rows of {path})")
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_folder", help="run folder of generator_epoch_<N>.pth files (the highest epoch is used)")
+    p.add_argument("--model_path", help="one generator checkpoint (instead of --model_folder)")
+    p.add_argument("--data_dir", default="data", help="preprocess.py output: {train,test}/{originals,masks}, labels.csv")
+    p.add_argument("--split", default="test", help="split to evaluate on (the classifier's test split in --downstream)")
+    p.add_argument("--img_size", type=int, default=None,
+                   help="realism: must match the checkpoint (default: the checkpoint's); downstream: classifier input size (default 128)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
+    p.add_argument("--output_dir", default=None,
+                   help="default: pixelgan_outputs/<TS>/eval_epoch_<E> (realism), pixelgan_outputs/<TS>/downstream (downstream)")
+    # realism
+    p.add_argument("--inception_weights", default=None, help="FID Inception weights file (see metrics.load_inception)")
+    p.add_argument("--n_variations", type=int, default=4, help="stochastic renders per mask for diversity")
+    p.add_argument("--n_diversity_masks", type=int, default=32)
+    # downstream
+    p.add_argument("--downstream", action="store_true", help="train classifiers real-only vs real+synthetic")
+    p.add_argument("--synthetic_dir", default=None, help="generate.py --balance output: DIR/<class>/gen_<n>.png + DIR/labels.csv")
+    p.add_argument("--seeds", type=int, default=3, help="classifier seeds per setting (seed, seed+1, ...)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--classifier", choices=("resnet18", "small"), default="resnet18")
+    p.add_argument("--minority_to", type=int, default=None,
+                   help="top every smaller class up to this many images (default: the largest class's size)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    # curves
+    p.add_argument("--plot", metavar="RUN_DIR", default=None, help="render RUN_DIR/metrics.csv to curves.png and exit")
+    args = p.parse_args(argv)
+    if args.plot is None:
+        needs_model = not args.downstream or not args.synthetic_dir
+        if needs_model and not (args.model_folder or args.model_path):
+            p.error("give --model_folder or --model_path" + ("" if not args.downstream else " (or --synthetic_dir)"))
+        if args.model_folder and args.model_path:
+            p.error("give --model_folder or --model_path, not both")
+        if args.batch_size < 1 or args.seeds < 1 or args.epochs < 1:
+            p.error("--batch_size, --seeds and --epochs must be positive")
+    args.device = resolve_device(args.device)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.plot is not None:
+            return plot_curves(args.plot, os.path.join(args.output_dir, "curves.png") if args.output_dir else None)
+        if args.downstream:
+            return evaluate_downstream(args)
+        return evaluate_realism(args)
+    except models.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,146 @@
+"""Training: a step learns, checkpoints are written and resumable, AMP and NaN handling, kill -9."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+import train
+from conftest import ROOT, TINY_MODEL, write_dataset
+
+
+def run_train(data, dirs, *extra):
+    return train.main(["--data_dir", data, *TINY_MODEL, *dirs, "--batch_size", "4", *extra])
+
+
+def weights(path, key="generator"):
+    return torch.load(path, weights_only=True)[key]
+
+
+def test_one_step_changes_both_networks():
+    args = train.parse_args(["--lr", "1e-3"])[0]
+    t = train.build_trainer(models.make_config(img_size=32, ngf=4, ndf=4), args, torch.device("cpu"))
+    before_G = [p.detach().clone() for p in t.G.parameters()]
+    before_D = [p.detach().clone() for p in t.D.parameters()]
+    masks, reals = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    losses, fakes = train.train_step(t, masks, reals)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert fakes.shape == (4, 3, 32, 32)
+    assert all(not torch.equal(a, b) for a, b in zip(before_G, t.G.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before_D, t.D.parameters()))
+    assert all(p.requires_grad for p in t.D.parameters())  # unfrozen again after the G step
+
+
+def test_training_writes_checkpoints_samples_and_metrics(tiny_data, run_dirs, tmp_path):
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "3", "--save_freq", "2", "--eval_freq", "2", "--run_name", "r")
+    assert sorted(os.listdir(model_dir)) == sorted([
+        "config.json", "last.pth", "generator_epoch_2.pth", "discriminator_epoch_2.pth",
+        "generator_epoch_3.pth", "discriminator_epoch_3.pth"])
+    out = tmp_path / "outputs" / "r"
+    assert (out / "samples" / "epoch_1_batch_0.png").exists()
+    assert (out / "test_epoch_2_sample_0.png").exists() and (out / "test_epoch_3_sample_3.png").exists()
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,step")
+    assert rows[2].split(",")[6] != ""  # test L1 at the eval epoch
+    generator, config, ckpt = models.load_generator(os.path.join(model_dir, "generator_epoch_3.pth"))
+    assert config["img_size"] == 32 and ckpt["epoch"] == 3
+
+
+def test_amp_on_cpu_trains_with_finite_losses(tiny_data, run_dirs, tmp_path):
+    run_train(tiny_data, run_dirs, "--n_epochs", "1", "--amp", "--run_name", "amp")
+    metrics = (tmp_path / "outputs" / "amp" / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics[3:6])
+
+
+def test_same_seed_same_weights_and_resume_matches_uninterrupted(tiny_data, run_dirs):
+    full = run_train(tiny_data, run_dirs, "--n_epochs", "3", "--save_freq", "1", "--run_name", "full")
+    again = run_train(tiny_data, run_dirs, "--n_epochs", "3", "--save_freq", "1", "--run_name", "again")
+    part = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--save_freq", "1", "--run_name", "part")
+    train.main(["--resume", part, "--n_epochs", "3"])
+    reference = weights(os.path.join(full, "last.pth"))
+    for other in (again, part):
+        resumed = weights(os.path.join(other, "last.pth"))
+        assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    other_seed = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--seed", "7", "--run_name", "seed7")
+    first = weights(os.path.join(full, "generator_epoch_1.pth"))
+    assert not all(torch.equal(first[k], v) for k, v in weights(os.path.join(other_seed, "generator_epoch_1.pth")).items())
+
+
+def test_fewer_images_than_batch_size_warns_and_trains(tiny_data, run_dirs, capsys):
+    run_train(tiny_data, run_dirs, "--n_epochs", "1", "--batch_size", "32", "--run_name", "small")
+    assert "only 8 training pairs" in capsys.readouterr().err
+
+
+def test_non_finite_losses_skip_the_step_then_stop_the_run(tiny_data, run_dirs, monkeypatch, capsys):
+    real_l1 = torch.nn.functional.l1_loss
+    monkeypatch.setattr(train.F, "l1_loss", lambda a, b: real_l1(a, b) * float("nan"))
+    with pytest.raises(SystemExit, match="consecutive steps with non-finite"):
+        run_train(tiny_data, run_dirs, "--n_epochs", "5", "--max_bad_steps", "3", "--run_name", "nan")
+    assert "non-finite G loss" in capsys.readouterr().err
+
+
+def test_bad_img_size_is_a_clear_error(tiny_data, run_dirs):
+    with pytest.raises(ValueError, match="power of two"):
+        run_train(tiny_data, run_dirs, "--n_epochs", "1", "--img_size", "100")
+
+
+def test_resume_refuses_a_generator_checkpoint(tiny_data, run_dirs):
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--run_name", "g")
+    with pytest.raises(models.CheckpointError, match="not a training-state checkpoint"):
+        train.main(["--resume", os.path.join(model_dir, "generator_epoch_1.pth")])
+
+
+def test_kill_9_then_resume_completes(tmp_path):
+    data = write_dataset(str(tmp_path / "data"), n_train=16, n_test=2)
+    dirs = ["--models_dir", str(tmp_path / "models"), "--outputs_dir", str(tmp_path / "outputs")]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data_dir", data, *TINY_MODEL, *dirs,
+           "--batch_size", "2", "--n_epochs", "25", "--save_freq", "1", "--eval_freq", "100", "--run_name", "k"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model_dir = tmp_path / "models" / "k"
+    deadline = time.time() + 120
+    while not (model_dir / "generator_epoch_2.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere inside a later epoch, possibly mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (model_dir / "generator_epoch_25.pth").exists()
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(model_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after epoch" in done.stdout
+    assert models.load_generator(str(model_dir / "generator_epoch_25.pth"))[2]["epoch"] == 25
+    assert not [n for n in os.listdir(model_dir) if ".tmp" in n]
+
+
+def test_diff_augment_transforms_mask_real_and_fake_alike():
+    torch.manual_seed(0)
+    masks = (torch.rand(6, 1, 32, 32) > 0.5).float() * 2 - 1
+    images = masks.expand(-1, 3, -1, -1).clone()
+    m, real, fake = train.diff_augment(masks, images, images.clone(), policy="translation,cutout")
+    assert torch.equal(real, fake) and torch.equal(real, m.expand(-1, 3, -1, -1))
+    assert not torch.equal(m, masks)  # something moved or was cut out
+    _, real_c, fake_c = train.diff_augment(masks, images, images.clone(), policy="color")
+    assert torch.equal(real_c, fake_c) and not torch.equal(real_c, images)
+    assert train.diff_augment(masks, images, policy="")[1] is images
+
+
+def test_quality_options_train(tiny_data, run_dirs):
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--diffaug", "color,translation,cutout",
+                          "--lambda_fm", "10", "--ema", "0.9", "--gan_loss", "hinge", "--d_spectral_norm",
+                          "--upsample", "resize", "--noise_dim", "4", "--noise_injection", "--lr_decay_start", "0.5",
+                          "--run_name", "q")
+    state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
+    assert state["ema"] is not None and state["sched_G"]["last_epoch"] == 2
+    # the sampling weights are the EMA copy, not the raw generator
+    assert not all(torch.equal(state["generator"][k], state["generator_train"][k]) for k in state["generator"])
+    generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
+    assert config["noise_dim"] == 4 and config["upsample"] == "resize"
+    masks = torch.zeros(2, 1, 32, 32)
+    torch.manual_seed(1)
+    a = generator.eval()(masks)
+    torch.manual_seed(2)
+    assert not torch.equal(a, generator(masks))  # z and injected noise make each draw different
