@@ -88,7 +88,7 @@ def timed(fn, device, steps, warmup):
 
 def model_config(args):
     if args.reference:
-        return models.make_config(img_size=args.img_size, ngf=64, ndf=64, res_max_size=0)
+        return models.make_config(img_size=args.img_size, ngf=64, g_max_mult=8, ndf=64, res_max_size=0)
     return models.make_config(img_size=args.img_size)
 
 

@@ -72,9 +72,10 @@ class RandomRot90(v2.Transform):
         return dict(k=int(torch.randint(4, ()).item()))
 
     def transform(self, inpt, params):
-        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+        if not isinstance(inpt, torch.Tensor):
             return inpt
-        return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], (-2, -1)), like=inpt)
+        rotated = torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], (-2, -1))
+        return tv_tensors.wrap(rotated, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else rotated
 
 
 def paired_augmentation():

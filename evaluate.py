@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import metrics
 import models
-from dataset import PairedDataset, read_labels
+from dataset import PairedDataset, RandomRot90, read_labels
 from generate import render
 
 SETTINGS = ("real_only", "real_plus_synthetic")
@@ -260,18 +260,8 @@ def make_classifier(name, n_classes):
     return resnet18(weights=None, num_classes=n_classes)  # from scratch: no ImageNet prior to blur the comparison
 
 
-class Rot90(v2.Transform):
-    """A random multiple of 90 degrees: lesions have no canonical orientation and this never resamples."""
-
-    def make_params(self, flat_inputs):
-        return dict(k=int(torch.randint(4, ()).item()))
-
-    def transform(self, inpt, params):
-        return torch.rot90(inpt, params["k"], (-2, -1))
-
-
 def classifier_augmentation():
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), Rot90(),
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90(),
                        v2.ColorJitter(brightness=0.2, contrast=0.2)])
 
 
@@ -456,11 +446,12 @@ def print_downstream_table(result):
         return fmt(ms["mean"]) + (" +- " + fmt(ms["std"]) if ms["std"] is not None else "")
 
     cols = ["balanced acc", f"AUC {pos}-vs-rest"] + [f"recall {c}" for c in classes]
-    print("  " + f"{'setting':<20}{'real':>7}{'synth':>7}" + "".join(f"{c:>22}" for c in cols))
+    width = max(22, max(len(c) for c in cols) + 2)
+    print("  " + f"{'setting':<20}{'real':>7}{'synth':>7}" + "".join(f"{c:>{width}}" for c in cols))
     for s in SETTINGS:
         r = result["settings"][s]
         cells = [cell(r["balanced_accuracy"]), cell(r["auroc"])] + [cell(r["recall"][c]) for c in classes]
-        print("  " + f"{SETTING_NAMES[s]:<20}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>22}" for c in cells))
+        print("  " + f"{SETTING_NAMES[s]:<20}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>{width}}" for c in cells))
     a = result["settings"]["real_only"]["balanced_accuracy"]["mean"]
     b = result["settings"]["real_plus_synthetic"]["balanced_accuracy"]["mean"]
     verdict = "helped" if b > a else "did not help" if b < a else "made no difference"

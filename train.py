@@ -8,10 +8,8 @@ Checkpoints go to pixelgan_models/<TIMESTAMP>/, sample grids, test images, metri
 TensorBoard logs to pixelgan_outputs/<TIMESTAMP>/.
 """
 import argparse
-import copy
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -169,7 +167,7 @@ def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_
                                        persistent_workers=num_workers > 0)
 
 
-def make_optimizer(module, args, device):
+def make_optimizer(module, args):
     # fused Adam: one kernel for all parameters instead of a loop over tensors (CUDA and CPU).
     return torch.optim.Adam(module.parameters(), lr=args.lr, betas=(args.beta1, 0.999),
                             fused=args.fused_adam, foreach=not args.fused_adam)
@@ -185,7 +183,7 @@ def build_trainer(config, args, device, world_size=1):
     dtype = autocast_dtype(device, args.amp, args.amp_dtype)
     trainer = SimpleNamespace(
         G=G, D=D, config=config, device=device, dtype=dtype, memory_format=memory_format,
-        opt_G=make_optimizer(G, args, device), opt_D=make_optimizer(D, args, device),
+        opt_G=make_optimizer(G, args), opt_D=make_optimizer(D, args),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, gan_loss=args.gan_loss, diffaug=args.diffaug,
         freeze_D=args.freeze_d, bad_steps=0, step=0,

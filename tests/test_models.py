@@ -17,13 +17,13 @@ def test_default_generator_at_128_has_7_levels_and_maps_mask_to_image():
     assert out.shape == (2, 3, 128, 128)
     assert out.abs().max() <= 1.0  # Tanh output
     # README quotes these counts; a change to the architecture must update both.
-    assert models.count_params(G) == 15_922_275
+    assert models.count_params(G) == 5_301_731
 
 
 def test_discriminator_scores_8x8_patches_at_128_and_16x16_at_256():
     D = models.build_discriminator(models.make_config())
     assert D(torch.zeros(2, 1, 128, 128), torch.zeros(2, 3, 128, 128)).shape == (2, 1, 8, 8)
-    assert models.count_params(D) == 2_763_073
+    assert models.count_params(D) == 693_409
     D256 = models.build_discriminator(models.make_config(img_size=256))
     assert D256(torch.zeros(1, 1, 256, 256), torch.zeros(1, 3, 256, 256)).shape == (1, 1, 16, 16)
 
