@@ -330,8 +330,11 @@ def resolve_resume(args, parser, argv):
     state = models.load_checkpoint(path)
     if not isinstance(state, dict) or state.get("kind") != "training_state":
         raise models.CheckpointError(f"{path}: not a training-state checkpoint (last.pth)")
-    given = {a.dest for a in parser._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
-    resumed = argparse.Namespace(**state["args"])
+    tokens = argv if argv is not None else sys.argv[1:]
+    given = {a.dest for a in parser._actions
+             if any(tok == opt or tok.startswith(opt + "=") for tok in tokens for opt in a.option_strings)}
+    # Defaults first: a run saved before a flag existed resumes with that flag's default.
+    resumed = argparse.Namespace(**{**vars(parser.parse_args([])), **state["args"]})
     for name in ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile"):
         if name in given:
             setattr(resumed, name, getattr(args, name))
