@@ -4,6 +4,7 @@
     python bench.py --compare                     # reference pix2pix U-Net fp32, ours fp32, ours --amp: one run
     python bench.py --amp --data_dir data         # also one epoch over real data: data wait vs compute
     python bench.py --amp --no-channels_last      # one switch per optimisation, to show each one's gain
+    torchrun --nproc_per_node=4 bench.py --amp    # DDP scaling efficiency: N-GPU img/s / (N x 1-GPU img/s)
 
 Throughput is the median over --steps timed steps after --warmup. FLOPs come from
 torch.utils.flop_counter; the peak is this device's own best matmul in the same dtype, measured now.
@@ -100,7 +101,7 @@ def trainer_args(args):
     return train.parse_args(flags)[0]
 
 
-def random_batch(trainer, batch_size, size):
+def random_batch(batch_size, size):
     masks = (torch.rand(batch_size, 1, size, size) > 0.5).to(torch.uint8) * 255
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
     return masks, images
@@ -109,7 +110,7 @@ def random_batch(trainer, batch_size, size):
 def bench_train(args, device, peaks):
     config = model_config(args)
     trainer = train.build_trainer(config, trainer_args(args), device)
-    masks_u8, images_u8 = random_batch(trainer, args.batch_size, args.img_size)
+    masks_u8, images_u8 = random_batch(args.batch_size, args.img_size)
     masks = to_model_range(masks_u8, device, trainer.memory_format)
     reals = to_model_range(images_u8, device, trainer.memory_format)
     step = lambda: train.train_step(trainer, masks, reals)  # noqa: E731
@@ -131,7 +132,7 @@ def bench_train(args, device, peaks):
 def bench_generate(args, device, trainer, peaks):
     batch = args.gen_batch_size or args.batch_size
     generator = train.sampling_generator(trainer).eval()
-    masks_u8, _ = random_batch(trainer, batch, args.img_size)
+    masks_u8, _ = random_batch(batch, args.img_size)
     config = trainer.config
     seconds = timed(lambda: render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
                     device, args.steps, args.warmup)
@@ -176,9 +177,36 @@ def bench_epoch(args, device, trainer):
                 cache_build_s=cache_s, num_workers=args.num_workers, peak_mem_mb=peak_memory_mb(device))
 
 
+def bench_scaling(args, device, rank, world_size):
+    """Every rank times the step alone on its own device (the 1-GPU speed), then under DDP;
+    efficiency = total DDP img/s / total single img/s."""
+    import torch.distributed as dist
+    config = model_config(args)
+    masks_u8, images_u8 = random_batch(args.batch_size, args.img_size)
+    rates = []
+    for processes in (1, world_size):
+        trainer = train.build_trainer(config, trainer_args(args), device, processes)
+        masks = to_model_range(masks_u8, device, trainer.memory_format)
+        reals = to_model_range(images_u8, device, trainer.memory_format)
+        dist.barrier()
+        rates.append(args.batch_size / timed(lambda: train.train_step(trainer, masks, reals), device, args.steps, args.warmup))
+    totals = torch.tensor(rates, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    single, together = totals.tolist()
+    dtype = trainer.dtype or torch.float32
+    return dict(what="scaling", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=args.batch_size,
+                processes=world_size, img_per_s=together, single_img_per_s=single / world_size,
+                efficiency=together / single, peak_mem_mb=peak_memory_mb(device))
+
+
 def report(result, as_json):
     if as_json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+        return
+    if result["what"] == "scaling":
+        print(f"scaling   {result['dtype']:>8} b{result['batch']:<3} {result['processes']} processes: "
+              f"{result['img_per_s']:8.1f} img/s under DDP vs {result['single_img_per_s']:.1f} img/s alone per process: "
+              f"efficiency {100 * result['efficiency']:.0f}%", flush=True)
         return
     if result["what"] == "epoch":
         print(f"epoch     {result['dtype']:>8} b{result['batch']:<3} {result['img_per_s']:8.1f} img/s  "
@@ -193,9 +221,14 @@ def report(result, as_json):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, _, _ = train.setup_distributed(args.device)
+    device, rank, world_size = train.setup_distributed(args.device)
     torch.backends.cudnn.benchmark = True  # as train.py does on CUDA
     torch.manual_seed(0)
+    if world_size > 1:
+        result = bench_scaling(args, device, rank, world_size)
+        if rank == 0:
+            report(result, args.json)
+        return
     peak_cache = {}
 
     def peaks(dtype):

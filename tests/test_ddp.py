@@ -1,4 +1,5 @@
 """Two gloo processes under torchrun: shards, identical weights, one checkpoint that generate.py loads."""
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,16 @@ def test_two_process_gloo_training(tmp_path):
                               "--n_epochs", "3"], capture_output=True, text=True, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (model_dir / "generator_epoch_3.pth").exists()
+
+
+def test_bench_reports_scaling_efficiency_under_torchrun():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "bench.py"), "--device", "cpu", "--img_size", "32", "--batch_size", "2",
+           "--steps", "2", "--warmup", "1", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["what"] == "scaling" and rows[0]["processes"] == 2  # printed by rank 0 only
+    assert rows[0]["img_per_s"] > 0 and 0 < rows[0]["efficiency"]
