@@ -33,22 +33,13 @@ from tqdm import tqdm
 
 import metrics
 import models
-from dataset import PairedDataset, RandomRot90, read_labels
+from dataset import PairedDataset, RandomRot90, read_labels, to_model_range
 from generate import render
+from train import resolve_device
 
 SETTINGS = ("real_only", "real_plus_synthetic")
 SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
 SETTING_COLORS = {"real_only": (66, 110, 180), "real_plus_synthetic": (232, 128, 40)}
-
-
-def to_float(images_uint8):
-    return images_uint8.float() / 127.5 - 1
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def resolve_model_path(args):
@@ -142,7 +133,7 @@ def diversity_block(generator, config, masks, labels, args):
     variations = [render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
                          batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
                   for k in tqdm(range(args.n_variations), desc="diversity", unit="render", disable=None)]
-    value, distance = metrics.diversity(to_float(torch.stack(variations, 1)))
+    value, distance = metrics.diversity(to_model_range(torch.stack(variations, 1), "cpu"))
     return {"status": "ok", "value": value, "distance": distance, "n_masks": n_masks, "n_variations": args.n_variations}
 
 
@@ -205,8 +196,8 @@ def evaluate_realism(args):
     fake = render_in_chunks(generator, config, data.masks, render_labels, args, desc="render")
     per_image = {k: [] for k in ("l1", "psnr", "ssim")}
     for start in range(0, len(fake), args.batch_size):  # SSIM's windows make a full-split call memory-hungry
-        m = metrics.paired_metrics(to_float(fake[start:start + args.batch_size]),
-                                   to_float(data.images[start:start + args.batch_size]))
+        m = metrics.paired_metrics(to_model_range(fake[start:start + args.batch_size], "cpu"),
+                                   to_model_range(data.images[start:start + args.batch_size], "cpu"))
         for k in per_image:
             per_image[k].append(m[k].double())
     per_image = {k: torch.cat(v) for k, v in per_image.items()}
@@ -304,7 +295,7 @@ def train_classifier(images, labels, n_classes, args, seed, desc="train"):
     for _ in bar:
         total, n = 0.0, 0
         for x, y in loader:
-            x, y = to_float(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            x, y = to_model_range(x, device), y.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -321,7 +312,7 @@ def predict_proba(model, images, args):
     model.eval()
     out = []
     for start in range(0, len(images), args.batch_size):
-        x = to_float(images[start:start + args.batch_size].to(args.device))
+        x = to_model_range(images[start:start + args.batch_size], args.device)
         out.append(model(x).float().softmax(1).cpu())
     return torch.cat(out)
 

@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 import models
 from dataset import PairedDataset, read_labels, save_image_grid, to_model_range, to_uint8
-from train import autocast_dtype
+from train import autocast_dtype, resolve_device
 
 
 def parse_args(argv=None):
@@ -153,8 +153,7 @@ def existing_count(folder):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     input_dir = args.input_dir or os.path.join("data", "train" if args.balance else "test")
     generator, config = load_model(args)
     labels_dir = os.path.dirname(args.labels) if args.labels else os.path.dirname(os.path.normpath(input_dir))

@@ -43,11 +43,6 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 KID_DEFAULT_SUBSET = 50
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> 0..255 uint8 (what the Inception extractor takes)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------------- paired
 
 
@@ -225,7 +220,7 @@ class _Precomputed(nn.Module):
 def extract_features(images_uint8: torch.Tensor, extractor: nn.Module, device="cpu", batch_size: int = 32) -> torch.Tensor:
     """uint8 N x 3 x H x W -> float64 N x D on the CPU, in batches to keep memory small."""
     if images_uint8.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images, got {images_uint8.dtype} (use metrics.to_uint8)")
+        raise TypeError(f"expected uint8 images, got {images_uint8.dtype} (use dataset.to_uint8)")
     extractor = extractor.to(device).eval()
     feats = [extractor(images_uint8[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images_uint8), batch_size)]
     return torch.cat(feats)

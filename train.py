@@ -81,11 +81,17 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- setup
 
+def resolve_device(name):
+    """'auto' -> cuda when there is one, else cpu; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def setup_distributed(device_arg):
     """(device, rank, world_size). DDP only when torchrun's environment is present."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device_arg = resolve_device(device_arg)
     if not distributed:
         return torch.device(device_arg), 0, 1
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def test_paired_constant_offset():
 
 
 def test_to_uint8_range():
-    assert metrics.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 5.0])).tolist() == [0, 128, 255, 255]
+    assert dataset.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 5.0])).tolist() == [0, 128, 255, 255]
 
 
 # --------------------------------------------------------------------------------------------- FID / KID
