@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 import metrics
 import models
-from dataset import PairedDataset, RandomRot90, read_labels, to_model_range
+from dataset import PairedDataset, RandomRot90, read_image, read_labels, to_model_range
 from generate import render
 from train import resolve_device
 
@@ -387,11 +386,10 @@ def read_synthetic_dir(folder, classes, size):
         if label not in found:
             ignored[label] = ignored.get(label, 0) + 1
             continue
-        image = cv2.imread(os.path.join(folder, row[path_col]), cv2.IMREAD_COLOR)
-        if image is None:
-            raise SystemExit(f"{os.path.join(folder, row[path_col])}: listed in labels.csv but cannot be read")
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        found[label].append(torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1))))
+        try:
+            found[label].append(torch.from_numpy(read_image(os.path.join(folder, row[path_col]), size)))
+        except ValueError:
+            raise SystemExit(f"{os.path.join(folder, row[path_col])}: listed in labels.csv but cannot be read") from None
     if ignored:
         print(f"{path}: ignored images of classes not in the training labels: {ignored}")
     return {c: torch.stack(v) if v else torch.zeros((0, 3, size, size), dtype=torch.uint8) for c, v in found.items()}

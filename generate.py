@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 import models
 from dataset import PairedDataset, read_labels, save_image_grid, to_model_range, to_uint8
-from train import autocast_dtype, resolve_device
+from train import autocast, autocast_dtype, resolve_device
 
 
 def parse_args(argv=None):
@@ -84,7 +84,7 @@ def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size
         planes = None
         if config["n_classes"]:
             planes = models.class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             outputs.append(to_uint8(generator(masks, planes)))
     return torch.cat(outputs)
 
@@ -183,12 +183,12 @@ def main(argv=None):
     total = args.num_images or n_masks
     if config["n_classes"] and (dataset.labels < 0).any():
         print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]}", file=sys.stderr)
-    labels = dataset.labels.clamp(min=0)
+    mask_labels = dataset.labels.clamp(min=0)
     written = 0
     for round_index in range((total + n_masks - 1) // n_masks):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
-        fakes = render(generator, config, masks, labels[:count], args.device, args.batch_size, args.amp,
+        fakes = render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
                        stochastic=round_index > 0, seed=args.seed + round_index)
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"

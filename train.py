@@ -122,6 +122,11 @@ def autocast_dtype(device, amp, requested="auto"):
     return None
 
 
+def autocast(device, dtype):
+    """Mixed-precision context for dtype (from autocast_dtype); a no-op for fp32 (dtype None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def diff_augment(masks, *images, policy=""):
     """DiffAugment (Zhao et al. 2020): random, differentiable transforms of D's inputs, so D cannot
     memorise a small training set. Each sample gets one draw, applied alike to its mask and to every
@@ -230,12 +235,12 @@ def optimizer_step(t, loss, optimizer, params, name):
 def train_step(t, masks, reals, class_planes=None):
     """One pix2pix iteration: D on (mask, real) vs (mask, G(mask)), then G against the updated D.
     Returns the losses as tensors (no host sync) and the generated batch."""
-    autocast = torch.autocast(t.device.type, dtype=t.dtype or torch.float32, enabled=t.dtype is not None)
-    with autocast:
+    mixed = autocast(t.device, t.dtype)
+    with mixed:
         fakes = t.G_train(masks, class_planes)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
-    with autocast:
+    with mixed:
         d_real = t.D_train(*diff_augment(cond, reals, policy=t.diffaug))
         d_fake = t.D_train(*diff_augment(cond, fakes.detach(), policy=t.diffaug))
     loss_D = 0.5 * (gan_loss(d_real, True, t.gan_loss) + gan_loss(d_fake, False, t.gan_loss))
@@ -244,7 +249,7 @@ def train_step(t, masks, reals, class_planes=None):
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
     # and calling the plain module keeps DDP from waiting for gradients that never come.
     t.D.requires_grad_(not t.freeze_D)
-    with autocast:
+    with mixed:
         cond_aug, fakes_aug, reals_aug = diff_augment(cond, fakes, reals, policy=t.diffaug)
         if t.lambda_fm > 0:
             d_fake_for_G, fake_features = t.D_plain(cond_aug, fakes_aug, return_features=True)
@@ -290,7 +295,7 @@ def evaluate(t, test_set, batch_size, out_dir=None, epoch=0):
         masks = to_model_range(test_set.masks[index], t.device, t.memory_format)
         reals = to_model_range(test_set.images[index], t.device, t.memory_format)
         planes = models.class_planes(test_set.labels[index].to(t.device), n_classes, masks.shape[-1])
-        with torch.autocast(t.device.type, dtype=t.dtype or torch.float32, enabled=t.dtype is not None):
+        with autocast(t.device, t.dtype):
             fakes = G(masks, planes).float()
         for name, values in paired_metrics(fakes, reals).items():
             sums[name] = sums.get(name, 0.0) + values.sum().item()
