@@ -34,7 +34,7 @@ import metrics
 import models
 from dataset import PairedDataset, RandomRot90, read_image, read_labels, to_model_range
 from generate import render
-from train import resolve_device
+from train import autocast, autocast_dtype, resolve_device
 
 SETTINGS = ("real_only", "real_plus_synthetic")
 SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
@@ -288,18 +288,20 @@ def train_classifier(images, labels, n_classes, args, seed, desc="train"):
         ImageSet(images, labels, classifier_augmentation()), batch_size=args.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed), drop_last=len(images) > args.batch_size)  # no size-1 BatchNorm batches
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs * len(loader)))
-    use_amp = args.amp and device.startswith("cuda")
+    dtype = autocast_dtype(torch.device(device), args.amp)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     model.train()
     bar = tqdm(range(args.epochs), desc=desc, unit="epoch", disable=None, leave=False)
     for _ in bar:
         total, n = 0.0, 0
         for x, y in loader:
             x, y = to_model_range(x, device), y.to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            with autocast(torch.device(device), dtype):
                 loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total, n = total + loss.item() * len(y), n + len(y)
         bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
@@ -740,7 +742,7 @@ def parse_args(argv=None):
                    help="realism: must match the checkpoint (default: the checkpoint's); downstream: classifier input size (default 128)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true", help="mixed precision as in train.py: bf16 where supported, else fp16 with loss scaling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--output_dir", default=None,
