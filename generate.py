@@ -68,7 +68,8 @@ def jitter_masks(masks_uint8, seed):
 @torch.inference_mode()
 def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0):
     """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
-    dropout active (pix2pix's noise source), so each seed gives another plausible image."""
+    dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
+    a style code draws one per image in either mode (seeded): a stored training style, or N(0, I)."""
     device = torch.device(device)
     # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
     generator = generator.to(device, memory_format=torch.channels_last).eval()

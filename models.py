@@ -27,9 +27,12 @@ DEFAULT_CONFIG = dict(
     res_max_size=32,
     dropout=0.5,
     n_dropout_levels=3,   # innermost decoder levels with dropout, as in pix2pix
-    noise_dim=0,          # > 0: a random style code z ~ N(0, I) joins the bottleneck (skin tone, vignette, ...)
+    noise_dim=0,          # > 0: a style code z joins the bottleneck (skin tone, vignette, ...): N(0, I), or see style_encoder
+    style_encoder=False,  # learn z from the real image while training (cVAE, BicycleGAN); sample it from style_bank
+    style_bank_size=256,  # style codes of training images kept in the generator for sampling
     noise_injection=False,  # per-pixel noise with learned per-channel strength in every decoder level (texture)
     d_spectral_norm=False,
+    d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
     classes=[],           # class names, index = one-hot position
 )
 
@@ -45,6 +48,10 @@ def make_config(**overrides):
         raise ValueError(f"img_size must be a power of two >= 16, got {size}")
     if config["norm"] not in ("batch", "instance"):
         raise ValueError(f"norm must be 'batch' or 'instance', got {config['norm']!r}")
+    if config["d_scales"] < 1 or size >> (config["d_scales"] - 1) < 16:
+        raise ValueError(f"d_scales must be >= 1 and leave the coarsest scale at least 16 px, got {config['d_scales']} at {size}")
+    if config["style_encoder"] and config["noise_dim"] < 1:
+        raise ValueError("style_encoder needs noise_dim >= 1 (the size of the style code)")
     if config["upsample"] not in ("transpose", "resize"):
         raise ValueError(f"upsample must be 'transpose' or 'resize', got {config['upsample']!r}")
     return config
@@ -145,6 +152,10 @@ class Generator(nn.Module):
             self.downs.append(Down(in_channels if i == 0 else widths[i - 1], widths[i], c["norm"], use_norm, residual[i]))
 
         self.noise_dim = c["noise_dim"]
+        if c["style_encoder"]:
+            # Filled by train.py with the encoded styles of training images; sampling draws rows of it,
+            # so every render gets the look of a real image rather than of an arbitrary point in z-space.
+            self.register_buffer("style_bank", torch.zeros(c["style_bank_size"], c["noise_dim"]))
         self.ups = nn.ModuleList()
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.noise_dim if i == levels - 1 else 2 * widths[i]
@@ -161,43 +172,87 @@ class Generator(nn.Module):
         skips.pop()  # the bottleneck feeds the first up level directly
         if self.noise_dim:
             if z is None:
-                z = torch.randn(x.shape[0], self.noise_dim, device=x.device, dtype=x.dtype)
+                z = self.sample_styles(x.shape[0], x.device)
             x = torch.cat([x, z.to(x.dtype).view(x.shape[0], self.noise_dim, 1, 1).expand(-1, -1, *x.shape[2:])], 1)
         for up in self.ups:
             x = torch.cat([up(x), skips.pop()], 1)
         return self.out(x)
 
+    def sample_styles(self, n, device):
+        if hasattr(self, "style_bank"):
+            return self.style_bank[torch.randint(0, self.style_bank.shape[0], (n,), device=device)]
+        return torch.randn(n, self.noise_dim, device=device)
 
-class Discriminator(nn.Module):
-    """Conditional PatchGAN on (mask, image): img_size/16 patches per side, 8x8 at 128."""
+
+class StyleEncoder(nn.Module):
+    """Real image -> (mu, logvar) of its style code (the cVAE encoder of BicycleGAN).
+
+    A binary mask says nothing about skin tone, illumination, vignette or hair, so an L1 loss alone
+    averages them into flat beige. Encoding them from the real image lets the generator learn to
+    render each one; at sampling time the code of some training image takes its place.
+    No normalisation: batch statistics would mix the styles of a batch.
+    """
 
     def __init__(self, config):
         super().__init__()
         c = config
-        sn = nn.utils.spectral_norm if c["d_spectral_norm"] else (lambda m: m)
-        in_channels = c["mask_channels"] + c["n_classes"] + c["image_channels"]
-        widths = [c["ndf"], c["ndf"] * 2, c["ndf"] * 4, c["ndf"] * 8]
-        layers = []
-        for i, width in enumerate(widths):
-            use_norm = i > 0 and not c["d_spectral_norm"]
-            layers.append(sn(nn.Conv2d(in_channels if i == 0 else widths[i - 1], width, 4, stride=2, padding=1, bias=not use_norm)))
-            if use_norm:
-                layers.append(norm_layer(c["norm"], width))
-            layers.append(nn.LeakyReLU(0.2, True))
-        layers.append(sn(nn.Conv2d(widths[-1], 1, 3, padding=1)))
-        self.net = nn.Sequential(*layers)
+        widths = [c["ndf"], c["ndf"] * 2, c["ndf"] * 4, c["ndf"] * 4]
+        layers, c_in = [], c["image_channels"]
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+            c_in = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, 2 * c["noise_dim"])
+
+    def forward(self, images):
+        mu, logvar = self.head(self.features(images)).float().chunk(2, dim=1)
+        return mu, logvar.clamp(-10, 10)
+
+
+def patch_discriminator(config):
+    """Conditional PatchGAN: four stride-2 4x4 convolutions and a 3x3 scoring convolution."""
+    c = config
+    sn = nn.utils.spectral_norm if c["d_spectral_norm"] else (lambda m: m)
+    in_channels = c["mask_channels"] + c["n_classes"] + c["image_channels"]
+    widths = [c["ndf"], c["ndf"] * 2, c["ndf"] * 4, c["ndf"] * 8]
+    layers = []
+    for i, width in enumerate(widths):
+        use_norm = i > 0 and not c["d_spectral_norm"]
+        layers.append(sn(nn.Conv2d(in_channels if i == 0 else widths[i - 1], width, 4, stride=2, padding=1, bias=not use_norm)))
+        if use_norm:
+            layers.append(norm_layer(c["norm"], width))
+        layers.append(nn.LeakyReLU(0.2, True))
+    layers.append(sn(nn.Conv2d(widths[-1], 1, 3, padding=1)))
+    return nn.Sequential(*layers)
+
+
+class Discriminator(nn.Module):
+    """Conditional PatchGAN on (mask, image): img_size/16 patches per side, 8x8 at 128.
+
+    With d_scales > 1 (pix2pixHD), further PatchGANs of the same shape score the pair at 1/2, 1/4, ...
+    of the resolution: larger patches judge the lesion's overall shape and the vignette, while the
+    full-resolution one stays on texture. forward returns one score map per scale, finest first.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.net = patch_discriminator(config)
+        self.coarser = nn.ModuleList(patch_discriminator(config) for _ in range(config["d_scales"] - 1))
 
     def forward(self, masks, images, class_planes=None, return_features=False):
         parts = [masks, images] if class_planes is None else [masks, class_planes, images]
         x = torch.cat(parts, 1)
-        if not return_features:
-            return self.net(x)
-        features = []  # every layer's activations, for the feature-matching loss (pix2pixHD)
-        for layer in self.net:
-            x = layer(x)
-            if isinstance(layer, nn.LeakyReLU):
-                features.append(x)
-        return x, features
+        scores, features = [], []  # features: every layer's activations, for feature matching (pix2pixHD)
+        for k, net in enumerate([self.net, *self.coarser]):
+            if k > 0:
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+            h = x
+            for layer in net:
+                h = layer(h)
+                if return_features and isinstance(layer, nn.LeakyReLU):
+                    features.append(h)
+            scores.append(h)
+        return (scores, features) if return_features else scores
 
 
 def init_weights(module):
@@ -220,6 +275,12 @@ def build_generator(config):
 
 def build_discriminator(config):
     return init_weights(Discriminator(make_config(**config)))
+
+
+def build_style_encoder(config):
+    """The style encoder for a config with style_encoder set, else None."""
+    config = make_config(**config)
+    return init_weights(StyleEncoder(config)) if config["style_encoder"] else None
 
 
 def class_planes(labels, n_classes, size, dtype=torch.float32):
@@ -313,7 +374,7 @@ if __name__ == "__main__":
     G, D = build_generator(config).eval(), build_discriminator(config).eval()
     masks = torch.zeros(2, 1, args.img_size, args.img_size)
     images = G(masks)
-    patches = D(masks, images)
+    patches = D(masks, images)[0]
     print(f"generator     {count_params(G) / 1e6:7.2f}M params  {gflops_per_image(G, masks):6.2f} GFLOP/img  "
           f"{n_levels(args.img_size)} levels  {tuple(masks.shape[1:])} -> {tuple(images.shape[1:])}")
     print(f"discriminator {count_params(D) / 1e6:7.2f}M params  {gflops_per_image(D, masks, images):6.2f} GFLOP/img  "

@@ -58,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--ndf", type=int, default=models.DEFAULT_CONFIG["ndf"])
     p.add_argument("--upsample", choices=["transpose", "resize"], default=models.DEFAULT_CONFIG["upsample"])
     p.add_argument("--d_spectral_norm", action="store_true")
+    p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
+                   help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     p.add_argument("--noise_dim", type=int, default=models.DEFAULT_CONFIG["noise_dim"], help="size of the random style code z")
+    p.add_argument("--style_encoder", action="store_true",
+                   help="learn the style code from the real image (cVAE, BicycleGAN); needs --noise_dim, e.g. 8")
+    p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term (with --style_encoder)")
     p.add_argument("--noise_injection", action=argparse.BooleanOptionalAction, default=models.DEFAULT_CONFIG["noise_injection"],
                    help="per-pixel noise in the decoder for texture")
     # speed
@@ -160,13 +165,18 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(prediction, is_real, mode, for_generator=False):
-    prediction = prediction.float()  # losses in fp32 whatever the autocast dtype
-    if mode == "lsgan":
-        return F.mse_loss(prediction, torch.full_like(prediction, 1.0 if is_real else 0.0))
-    if for_generator:
-        return -prediction.mean()
-    return F.relu(1.0 - prediction).mean() if is_real else F.relu(1.0 + prediction).mean()
+def gan_loss(scores, is_real, mode, for_generator=False):
+    """Mean over the discriminator's scales of the LSGAN or hinge loss of each score map."""
+    losses = []
+    for prediction in scores:
+        prediction = prediction.float()  # losses in fp32 whatever the autocast dtype
+        if mode == "lsgan":
+            losses.append(F.mse_loss(prediction, torch.full_like(prediction, 1.0 if is_real else 0.0)))
+        elif for_generator:
+            losses.append(-prediction.mean())
+        else:
+            losses.append(F.relu(1.0 - prediction).mean() if is_real else F.relu(1.0 + prediction).mean())
+    return sum(losses) / len(losses)
 
 
 def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_size=1):
@@ -178,26 +188,31 @@ def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_
                                        persistent_workers=num_workers > 0)
 
 
-def make_optimizer(module, args):
+def make_optimizer(params, args):
     # fused Adam: one kernel for all parameters instead of a loop over tensors (CUDA and CPU).
-    return torch.optim.Adam(module.parameters(), lr=args.lr, betas=(args.beta1, 0.999),
+    return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, 0.999),
                             fused=args.fused_adam, foreach=not args.fused_adam)
 
 
 def build_trainer(config, args, device, world_size=1):
     """Networks, optimizers, loss scaler and EMA: everything train_step needs (bench.py uses it too)."""
     G, D = models.build_generator(config), models.build_discriminator(config)
+    E = models.build_style_encoder(config)
     if world_size > 1 and device.type == "cuda" and config["norm"] == "batch" and not args.local_bn:
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    G_params = list(G.parameters())
+    if E is not None:
+        E = E.to(device, memory_format=memory_format)
+        G_params += list(E.parameters())  # the encoder learns from G's loss, in G's optimizer
     dtype = autocast_dtype(device, args.amp, args.amp_dtype)
     trainer = SimpleNamespace(
-        G=G, D=D, config=config, device=device, dtype=dtype, memory_format=memory_format,
-        opt_G=make_optimizer(G, args), opt_D=make_optimizer(D, args),
+        G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
+        opt_G=make_optimizer(G_params, args), opt_D=make_optimizer(D.parameters(), args),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, gan_loss=args.gan_loss, diffaug=args.diffaug,
-        freeze_D=args.freeze_d, bad_steps=0, step=0,
+        ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, lambda_kl=args.lambda_kl, gan_loss=args.gan_loss,
+        diffaug=args.diffaug, freeze_D=args.freeze_d, bad_steps=0, step=0,
     )
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
@@ -205,9 +220,14 @@ def build_trainer(config, args, device, world_size=1):
             G, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        trainer.G_train, trainer.D_train = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+        # No buffer broadcast at every forward: D runs twice (real, fake) before one backward, and the
+        # broadcast's in-place write to BatchNorm's running statistics breaks that backward on some
+        # torch versions. The statistics are broadcast from rank 0 after each epoch instead.
+        ddp = lambda m: DDP(m, device_ids=ids, broadcast_buffers=False)  # noqa: E731
+        trainer.G_train, trainer.D_train = ddp(G), ddp(D)
+        trainer.E_train = ddp(E) if E is not None else None
     else:
-        trainer.G_train, trainer.D_train = G, D
+        trainer.G_train, trainer.D_train, trainer.E_train = G, D, E
     if args.compile:
         trainer.G_train, trainer.D_train = torch.compile(trainer.G_train), torch.compile(trainer.D_train)
         # The generator step calls D without DDP's gradient hooks; compile that path too.
@@ -236,8 +256,15 @@ def train_step(t, masks, reals, class_planes=None):
     """One pix2pix iteration: D on (mask, real) vs (mask, G(mask)), then G against the updated D.
     Returns the losses as tensors (no host sync) and the generated batch."""
     mixed = autocast(t.device, t.dtype)
+    z, loss_kl = None, None
+    if t.E is not None:
+        # cVAE: the real image's own style code (reparameterised), so L1 compares like with like.
+        with mixed:
+            mu, logvar = t.E_train(reals)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        loss_kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
     with mixed:
-        fakes = t.G_train(masks, class_planes)
+        fakes = t.G_train(masks, class_planes, z)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
     with mixed:
@@ -260,10 +287,12 @@ def train_step(t, masks, reals, class_planes=None):
     loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True)
     loss_G_l1 = F.l1_loss(fakes.float(), reals.float())
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
+    if loss_kl is not None:
+        loss_G = loss_G + t.lambda_kl * loss_kl
     if t.lambda_fm > 0:
         # Matching D's features of the same (augmented) real image gives G a dense texture signal.
         loss_G = loss_G + t.lambda_fm * sum(F.l1_loss(f.float(), r.float()) for f, r in zip(fake_features, real_features))
-    ok_G = optimizer_step(t, loss_G, t.opt_G, t.G.parameters(), "G")
+    ok_G = optimizer_step(t, loss_G, t.opt_G, t.G_params, "G")
     t.D.requires_grad_(True)
     if not t.freeze_D:
         t.opt_D.zero_grad(set_to_none=True)  # D gradients from G's loss must not leak into the next D step
@@ -279,6 +308,27 @@ def train_step(t, masks, reals, class_planes=None):
 def sampling_generator(t):
     """The weights to sample with: the EMA copy when there is one."""
     return t.ema.module if t.ema is not None else t.G
+
+
+@torch.no_grad()
+def refresh_style_bank(t, images_uint8, batch_size=64):
+    """Fill the generator's style bank with the style codes (means) of training images, evenly spread
+    over the split and repeated when it has fewer images than the bank has rows."""
+    if t.E is None:
+        return
+    bank = sampling_generator(t).style_bank
+    index = torch.arange(bank.shape[0]) * len(images_uint8) // bank.shape[0]
+    was_training = t.E.training
+    t.E.eval()
+    codes = []
+    for start in range(0, len(index), batch_size):
+        images = to_model_range(images_uint8[index[start:start + batch_size]], t.device, t.memory_format)
+        with autocast(t.device, t.dtype):
+            codes.append(t.E(images)[0])
+    t.E.train(was_training)
+    bank.copy_(torch.cat(codes))
+    if t.G.style_bank is not bank:
+        t.G.style_bank.copy_(bank)
 
 
 @torch.inference_mode()
@@ -327,6 +377,7 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
     models.save_atomic({
         "kind": "training_state", "config": config, "epoch": epoch, "step": t.step, "args": vars(args),
         "generator": sample_G.state_dict(), "generator_train": t.G.state_dict(), "discriminator": t.D.state_dict(),
+        "style_encoder": t.E.state_dict() if t.E is not None else None,
         "ema": t.ema.state_dict() if t.ema is not None else None,
         "opt_G": t.opt_G.state_dict(), "opt_D": t.opt_D.state_dict(), "scaler": t.scaler.state_dict(),
         "sched_G": schedulers[0].state_dict(), "sched_D": schedulers[1].state_dict(), "rng": rng_state(t.device),
@@ -375,7 +426,7 @@ def main(argv=None):
         sys.exit(f"error: --conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
     config = state["config"] if state else models.make_config(
         img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
-        d_spectral_norm=args.d_spectral_norm, noise_dim=args.noise_dim, noise_injection=args.noise_injection,
+        d_spectral_norm=args.d_spectral_norm, d_scales=args.d_scales, noise_dim=args.noise_dim, style_encoder=args.style_encoder, noise_injection=args.noise_injection,
         n_classes=len(classes), classes=classes)
     train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True,
                               labels=labels, classes=classes, num_workers=max(args.num_workers, 1))
@@ -406,6 +457,8 @@ def main(argv=None):
     if state:
         t.G.load_state_dict(state["generator_train"])
         t.D.load_state_dict(state["discriminator"])
+        if t.E is not None:
+            t.E.load_state_dict(state["style_encoder"])
         if t.ema is not None:
             t.ema.load_state_dict(state["ema"])
         t.opt_G.load_state_dict(state["opt_G"])
@@ -436,6 +489,9 @@ def main(argv=None):
             os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         except OSError as e:
             sys.exit(f"error: cannot create the run folders ({e})")
+        for name in os.listdir(model_dir):
+            if ".pth.tmp" in name:  # a save killed mid-write; the file it was replacing is intact
+                os.remove(os.path.join(model_dir, name))
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump({"config": config, "args": vars(args)}, f, indent=2)
         metrics_path = os.path.join(out_dir, "metrics.csv")
@@ -459,8 +515,9 @@ def main(argv=None):
     # ---- train
     for epoch in range(start_epoch, args.n_epochs + 1):
         sampler.set_epoch(epoch)
-        t.G_train.train()
-        t.D_train.train()
+        for module in (t.G_train, t.D_train, t.E_train):
+            if module is not None:
+                module.train()
         started = time.time()
         sums = {k: torch.zeros((), device=device) for k in ("loss_D", "loss_G_gan", "loss_G_l1")}
         n_steps = 0
@@ -497,9 +554,13 @@ def main(argv=None):
                 dist.broadcast(buffer, src=0)
 
         if master:
+            evaluating = test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
+            saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
+            if evaluating or saving:
+                refresh_style_bank(t, train_set.images)
             row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
                    **{k: (v / max(n_steps, 1)).item() for k, v in sums.items()}}
-            if test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs):
+            if evaluating:
                 scores = evaluate(t, test_set, batch_size=max(batch_size, 32), out_dir=out_dir, epoch=epoch)
                 row.update({f"test_{k}": v for k, v in scores.items()})
                 print(f"epoch {epoch}: test L1 {scores['l1']:.4f}  PSNR {scores['psnr']:.2f}  SSIM {scores['ssim']:.4f}")
@@ -513,7 +574,7 @@ def main(argv=None):
                 writer.add_scalar("train/lr", row["lr"], epoch)
             print(f"epoch {epoch}/{args.n_epochs}: D {row['loss_D']:.4f}  G_gan {row['loss_G_gan']:.4f}  "
                   f"L1 {row['loss_G_l1']:.4f}  ({row['seconds']:.1f} s)")
-            if epoch % args.save_freq == 0 or epoch == args.n_epochs:
+            if saving:
                 save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files=True)
         if world_size > 1:
             dist.barrier()

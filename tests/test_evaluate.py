@@ -81,11 +81,11 @@ def standin_render(generator, config, masks_uint8, labels=None, device="cpu", ba
     out = []
     with torch.no_grad():
         for i in range(0, len(masks_uint8), batch_size):
-            m = masks_uint8[i:i + batch_size].float() / 127.5 - 1
+            m = masks_uint8[i:i + batch_size].to(device).float() / 127.5 - 1
             planes = None
             if config.get("n_classes", 0) > 0:
-                planes = models.class_planes(labels[i:i + batch_size], config["n_classes"], m.shape[-1])
-            out.append(((generator(m, planes) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+                planes = models.class_planes(labels[i:i + batch_size].to(device), config["n_classes"], m.shape[-1])
+            out.append(((generator(m, planes) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)
 
 

@@ -22,10 +22,26 @@ def test_default_generator_at_128_has_7_levels_and_maps_mask_to_image():
 
 def test_discriminator_scores_8x8_patches_at_128_and_16x16_at_256():
     D = models.build_discriminator(models.make_config())
-    assert D(torch.zeros(2, 1, 128, 128), torch.zeros(2, 3, 128, 128)).shape == (2, 1, 8, 8)
+    [scores] = D(torch.zeros(2, 1, 128, 128), torch.zeros(2, 3, 128, 128))
+    assert scores.shape == (2, 1, 8, 8)
     assert models.count_params(D) == 693_409
     D256 = models.build_discriminator(models.make_config(img_size=256))
-    assert D256(torch.zeros(1, 1, 256, 256), torch.zeros(1, 3, 256, 256)).shape == (1, 1, 16, 16)
+    assert D256(torch.zeros(1, 1, 256, 256), torch.zeros(1, 3, 256, 256))[0].shape == (1, 1, 16, 16)
+
+
+def test_multiscale_discriminator_adds_coarser_patchgans():
+    D = models.build_discriminator(models.make_config(d_scales=3))
+    masks, images = torch.zeros(2, 1, 128, 128), torch.randn(2, 3, 128, 128)
+    scores, features = D(masks, images, return_features=True)
+    assert [s.shape[-1] for s in scores] == [8, 4, 2]
+    assert len(features) == 3 * 4  # every LeakyReLU of every scale
+    assert models.count_params(D) == 3 * 693_409
+    # The full-resolution PatchGAN is the single-scale one: old checkpoints load into it unchanged.
+    single = models.build_discriminator(models.make_config())
+    D.net.load_state_dict(single.net.state_dict())
+    assert torch.equal(D.eval()(masks, images)[0], single.eval()(masks, images)[0])
+    with pytest.raises(ValueError, match="d_scales"):
+        models.make_config(img_size=32, d_scales=3)
 
 
 def test_depth_follows_img_size():
@@ -68,7 +84,7 @@ def test_conditional_generator_output_depends_on_class():
         out_b = G(masks, models.class_planes(torch.tensor([1, 1]), 3, 32))
     assert (out_a - out_b).abs().mean() > 1e-4
     D = models.build_discriminator(config)
-    assert D(masks, out_a, models.class_planes(torch.tensor([0, 0]), 3, 32)).shape == (2, 1, 2, 2)
+    assert D(masks, out_a, models.class_planes(torch.tensor([0, 0]), 3, 32))[0].shape == (2, 1, 2, 2)
 
 
 def test_latest_checkpoint_is_highest_epoch_by_number(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import models
 import train
 from conftest import ROOT, TINY_MODEL, write_dataset
+from dataset import PairedDataset, to_model_range
 
 
 def run_train(data, dirs, *extra):
@@ -144,3 +145,38 @@ def test_quality_options_train(tiny_data, run_dirs):
     a = generator.eval()(masks)
     torch.manual_seed(2)
     assert not torch.equal(a, generator(masks))  # z and injected noise make each draw different
+
+
+def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
+    args = train.parse_args(["--lr", "1e-3"])[0]
+    config = models.make_config(img_size=32, ngf=4, ndf=4, noise_dim=4, style_encoder=True, d_scales=2)
+    t = train.build_trainer(config, args, torch.device("cpu"))
+    before_E = [p.detach().clone() for p in t.E.parameters()]
+    masks, reals = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    train.train_step(t, masks, reals)
+    assert all(not torch.equal(a, b) for a, b in zip(before_E, t.E.parameters()))  # L1 + KL reach the encoder
+
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--noise_dim", "4", "--style_encoder",
+                          "--d_scales", "2", "--run_name", "style")
+    state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
+    assert state["style_encoder"] is not None
+    generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
+    assert config["style_encoder"] and config["d_scales"] == 2
+    # Each bank row is the style code (mean) of a training image, spread over the split.
+    encoder = models.build_style_encoder(config)
+    encoder.load_state_dict(state["style_encoder"])
+    train_set = PairedDataset(os.path.join(tiny_data, "train"), 32)
+    mu, _ = encoder.eval()(to_model_range(train_set.images[:1], torch.device("cpu")))
+    bank = generator.style_bank
+    assert bank.shape == (config["style_bank_size"], 4) and bank.abs().sum() > 0
+    assert torch.allclose(bank[0], mu[0], atol=1e-5)
+    # Sampling draws bank rows: seeded draws repeat, different seeds give different styles.
+    masks = torch.zeros(3, 1, 32, 32)
+    generator.eval()
+    draws = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        draws.append(generator(masks))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    with pytest.raises(ValueError, match="noise_dim"):
+        models.make_config(style_encoder=True)
