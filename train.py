@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--d_spectral_norm", action="store_true")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
-    p.add_argument("--noise_dim", type=int, default=models.DEFAULT_CONFIG["noise_dim"], help="size of the random style code z")
+    p.add_argument("--noise_dim", type=int, default=models.DEFAULT_CONFIG["noise_dim"], help="size of the style code z: N(0, I), or learned with --style_encoder")
     p.add_argument("--style_encoder", action="store_true",
                    help="learn the style code from the real image (cVAE, BicycleGAN); needs --noise_dim, e.g. 8")
     p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term (with --style_encoder)")
