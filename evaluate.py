@@ -110,18 +110,10 @@ def distribution_block(fake_uint8, real_uint8, args):
     if extractor is None:
         return {"status": reason}
     try:
-        fake = metrics.extract_features(fake_uint8, extractor, args.device, args.batch_size)
-        real = metrics.extract_features(real_uint8, extractor, args.device, args.batch_size)
-        full = metrics.feature_metrics(fake, real)
-        # FID is biased by sample size, so the real-vs-real floor is only comparable with a generated-vs-real
-        # number at the same size: generated images of half A (their masks) against the real images of half B.
-        a, b = metrics.split_halves(len(real), args.seed)
-        halves = metrics.feature_metrics(fake[a], real[b])
-        reference = metrics.feature_metrics(real[a], real[b])
+        return {"status": "ok", **metrics.distribution_metrics(fake_uint8, real_uint8, extractor, seed=args.seed,
+                                                               device=args.device, batch_size=args.batch_size)}
     except ValueError as e:  # too few images for FID/KID
         return {"status": f"unavailable: {e}"}
-    return {"status": "ok", "n_generated": len(fake), "n_real": len(real), "generated_vs_real": full,
-            "half_size": len(a), "generated_vs_real_halves": halves, "real_vs_real_reference": reference}
 
 
 def diversity_block(generator, config, masks, labels, args):

@@ -5,9 +5,9 @@ Conventions: image tensors are float in [-1, 1] of shape N x 3 x H x W unless a 
 
 * ``paired_metrics``      per-image L1 / PSNR / SSIM of a generated image against its own ground truth.
 * ``load_inception``      the standard FID Inception-v3 (TF "2015-12-05" weights), offline where possible.
-* ``distribution_metrics`` FID and KID (torchmetrics) of generated vs real; ``real_vs_real_reference``
-                          gives the same numbers for two disjoint halves of the real set, the floor that
-                          small-sample FID/KID should be read against.
+* ``distribution_metrics`` FID and KID (torchmetrics) of generated vs real, and the same numbers for two
+                          disjoint halves of the real set, the floor that small-sample FID/KID should be
+                          read against.
 * ``diversity``           mean pairwise distance between several generations for the same mask.
 
 Inception weights. torch-fidelity (used by torchmetrics) downloads them from GitHub, which is not
@@ -244,17 +244,6 @@ def feature_metrics(fake_feats: torch.Tensor, real_feats: torch.Tensor, kid_subs
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def distribution_metrics(fake_uint8, real_uint8, extractor, kid_subset_size=None, device="cpu", batch_size=32) -> dict[str, float]:
-    """{"fid", "kid_mean", "kid_std"} of generated vs real images (uint8 N x 3 x H x W each).
-
-    KID subset size defaults to min(50, N). With a few hundred images FID is strongly biased upwards:
-    read it beside ``real_vs_real_reference``.
-    """
-    fake = extract_features(fake_uint8, extractor, device, batch_size)
-    real = extract_features(real_uint8, extractor, device, batch_size)
-    return feature_metrics(fake, real, kid_subset_size)
-
-
 def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint random index sets of size n // 2 (one image is left out when n is odd)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -262,14 +251,24 @@ def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:half], perm[half : 2 * half]
 
 
-def real_vs_real_reference(real_uint8, extractor, seed: int = 0, kid_subset_size=None, device="cpu", batch_size=32) -> dict[str, float]:
-    """The same dict for two disjoint random halves of the real images: the value a perfect generator
-    would get at this sample size (printed beside generated-vs-real)."""
-    if len(real_uint8) < 4:
-        raise ValueError("real-vs-real reference needs at least 4 real images")
-    feats = extract_features(real_uint8, extractor, device, batch_size)
-    a, b = split_halves(len(feats), seed)
-    return feature_metrics(feats[a], feats[b], kid_subset_size)
+def distribution_metrics(fake_uint8, real_uint8, extractor, seed: int = 0, kid_subset_size=None, device="cpu",
+                         batch_size=32) -> dict:
+    """FID/KID ({"fid", "kid_mean", "kid_std"}) of generated vs real images (uint8 N x 3 x H x W each),
+    from one Inception pass per set:
+
+    * ``generated_vs_real``: all images. KID subset size defaults to min(50, N). With a few hundred
+      images FID is strongly biased upwards, so read it beside the reference below.
+    * ``real_vs_real_reference``: two disjoint random halves of the real images, the value a perfect
+      generator would get at that sample size.
+    * ``generated_vs_real_halves``: the generated images of half A (their masks) against the real images
+      of half B: the number comparable with the reference, since FID depends on sample size.
+    """
+    fake = extract_features(fake_uint8, extractor, device, batch_size)
+    real = extract_features(real_uint8, extractor, device, batch_size)
+    a, b = split_halves(len(real), seed)
+    return {"n_generated": len(fake), "n_real": len(real), "generated_vs_real": feature_metrics(fake, real, kid_subset_size),
+            "half_size": len(a), "generated_vs_real_halves": feature_metrics(fake[a], real[b], kid_subset_size),
+            "real_vs_real_reference": feature_metrics(real[a], real[b], kid_subset_size)}
 
 
 # --------------------------------------------------------------------------------------------- diversity

@@ -70,7 +70,7 @@ def test_to_uint8_range():
 
 def test_fid_identical_sets_is_zero():
     x = images()
-    m = metrics.distribution_metrics(x, x.clone(), TinyCNN())
+    m = metrics.distribution_metrics(x, x.clone(), TinyCNN())["generated_vs_real"]
     assert set(m) == {"fid", "kid_mean", "kid_std"}
     assert abs(m["fid"]) < 1e-3
     assert m["kid_mean"] < 1e-3  # the unbiased KID of a set against itself is <= 0
@@ -78,8 +78,8 @@ def test_fid_identical_sets_is_zero():
 
 def test_fid_grows_with_shift():
     real, ext = images(), TinyCNN()
-    small = metrics.distribution_metrics(shifted(real, 20), real, ext)
-    big = metrics.distribution_metrics(shifted(real, 60), real, ext)
+    small = metrics.distribution_metrics(shifted(real, 20), real, ext)["generated_vs_real"]
+    big = metrics.distribution_metrics(shifted(real, 60), real, ext)["generated_vs_real"]
     assert small["fid"] > 1e-3
     assert big["fid"] > small["fid"]
     assert big["kid_mean"] > small["kid_mean"] > 0
@@ -87,7 +87,7 @@ def test_fid_grows_with_shift():
 
 def test_kid_subset_is_capped_by_set_size():
     x = images(n=6)
-    m = metrics.distribution_metrics(shifted(x, 30), x, TinyCNN(), kid_subset_size=1000)
+    m = metrics.distribution_metrics(shifted(x, 30), x, TinyCNN(), kid_subset_size=1000)["generated_vs_real"]
     assert all(math.isfinite(v) for v in m.values())
 
 
@@ -102,7 +102,7 @@ def test_split_halves_disjoint_and_seeded():
 
 def test_real_vs_real_reference_uses_the_halves():
     real, ext = images(n=40), TinyCNN()
-    ref = metrics.real_vs_real_reference(real, ext, seed=7)
+    ref = metrics.distribution_metrics(real, real, ext, seed=7)["real_vs_real_reference"]
     a, b = metrics.split_halves(len(real), seed=7)
     feats = metrics.extract_features(real, ext)
     assert ref == pytest.approx(metrics.feature_metrics(feats[a], feats[b]))
