@@ -33,18 +33,12 @@ from tqdm import tqdm
 import metrics
 import models
 from dataset import PairedDataset, RandomRot90, read_image, read_labels, to_model_range
-from generate import render
+from generate import checkpoint_path, render
 from train import autocast, autocast_dtype, resolve_device
 
 SETTINGS = ("real_only", "real_plus_synthetic")
 SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
 SETTING_COLORS = {"real_only": (66, 110, 180), "real_plus_synthetic": (232, 128, 40)}
-
-
-def resolve_model_path(args):
-    if args.model_path:
-        return args.model_path
-    return models.latest_generator_path(args.model_folder)
 
 
 def checkpoint_epoch(path, ckpt):
@@ -158,7 +152,7 @@ def print_realism_table(summary):
 
 def evaluate_realism(args):
     t0 = time.time()
-    model_path = resolve_model_path(args)
+    model_path = checkpoint_path(args)
     generator, config, ckpt = models.load_generator(model_path)
     generator.eval()
     img_size = config["img_size"]
@@ -462,6 +456,7 @@ def evaluate_downstream(args):
     minority = [c for c, n in requested.items() if n > 0]
     pos, pos_reason = positive_class(present, minority)
 
+    model_path = checkpoint_path(args) if args.model_folder or args.model_path else None
     if args.synthetic_dir:
         available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
         synthetic, source = {}, f"directory {args.synthetic_dir}"
@@ -470,8 +465,7 @@ def evaluate_downstream(args):
             if len(synthetic[c]) < requested[c]:
                 print(f"warning: {c}: {requested[c]} synthetic images wanted to reach {target}, "
                       f"{len(available[c])} in {args.synthetic_dir}; using all of them")
-    elif args.model_folder or args.model_path:
-        model_path = resolve_model_path(args)
+    elif model_path:
         synthetic, source = synthesize(model_path, args.data_dir, classes, requested, args), f"generator {model_path}"
     else:
         raise SystemExit("--downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
@@ -515,7 +509,7 @@ def evaluate_downstream(args):
         }
     result["seconds"] = round(time.time() - t0, 1)
 
-    out_dir = args.output_dir or default_downstream_dir(args)
+    out_dir = args.output_dir or default_downstream_dir(model_path)
     os.makedirs(out_dir, exist_ok=True)
     write_json(result, os.path.join(out_dir, "downstream.json"))
     legend = {s: f"{SETTING_NAMES[s]} ({result['settings'][s]['n_real']} real + {result['settings'][s]['n_synthetic']} synthetic)"
@@ -531,9 +525,9 @@ def evaluate_downstream(args):
     return result
 
 
-def default_downstream_dir(args):
-    if args.model_folder or args.model_path:
-        return os.path.join("pixelgan_outputs", run_name(resolve_model_path(args)), "downstream")
+def default_downstream_dir(model_path):
+    if model_path:
+        return os.path.join("pixelgan_outputs", run_name(model_path), "downstream")
     return os.path.join("pixelgan_outputs", "downstream_" + time.strftime("%Y%m%d-%H%M%S"))
 
 

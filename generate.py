@@ -90,8 +90,13 @@ def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size
     return torch.cat(outputs)
 
 
+def checkpoint_path(args):
+    """--model_path as given, else the highest generator_epoch_<N>.pth in --model_folder."""
+    return args.model_path or models.latest_generator_path(args.model_folder)
+
+
 def load_model(args):
-    path = args.model_path or models.latest_generator_path(args.model_folder)
+    path = checkpoint_path(args)
     generator, config, ckpt = models.load_generator(path)
     if args.img_size is not None and args.img_size != config["img_size"]:
         raise models.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
