@@ -1,7 +1,7 @@
 """Benchmark the real training step (train.train_step) and generation path (generate.render).
 
     python bench.py --amp                         # default 128x128 model, batch 8, on this machine
-    python bench.py --compare                     # reference pix2pix U-Net fp32, ours fp32, ours --amp: one run
+    python bench.py --compare                     # reference pix2pix U-Net fp32, original recipe and default --amp
     python bench.py --amp --data_dir data         # also one epoch over real data: data wait vs compute
     python bench.py --amp --no-channels_last      # one switch per optimisation, to show each one's gain
     torchrun --nproc_per_node=4 bench.py --amp    # DDP scaling efficiency: N-GPU img/s / (N x 1-GPU img/s)
@@ -20,12 +20,16 @@ import torch
 
 import models
 import train
-from dataset import PairedDataset, to_model_range
+from dataset import ArgumentParser, PairedDataset, Range, check_device, check_ranges, run_cli, to_model_range
 from generate import render
 
 
+LIMITS = {"batch_size": Range(1, 4096), "gen_batch_size": Range(1, 4096), "img_size": Range(16, 1024),
+          "steps": Range(1, 100_000), "warmup": Range(0, 100_000), "num_workers": Range(0, 256)}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--gen_batch_size", type=int, default=None, help="generation batch (default: --batch_size)")
@@ -40,11 +44,17 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--reference", action="store_true",
                    help="time the official pix2pix unet_128 layout instead (ngf 64, no residual blocks)")
-    p.add_argument("--compare", action="store_true", help="reference fp32, ours fp32 and ours with --amp, one run")
+    p.add_argument("--original_recipe", action="store_true",
+                   help="time the user's original recipe (train.ORIGINAL_RECIPE: PatchGAN only, LSGAN + 100 L1) instead of train.py's default")
+    p.add_argument("--compare", action="store_true",
+                   help="one run: the reference layout in fp32, the original recipe and train.py's default (both with --amp)")
     p.add_argument("--data_dir", default=None, help="also time one epoch over <data_dir>/train")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(args, LIMITS)
+    check_device(args.device)
+    return args
 
 
 def sync(device):
@@ -90,15 +100,22 @@ def timed(fn, device, steps, warmup):
 def model_config(args):
     if args.reference:
         return models.make_config(img_size=args.img_size, ngf=64, g_max_mult=8, ndf=64, res_max_size=0)
-    return models.make_config(img_size=args.img_size)
+    return train.model_config(trainer_args(args))
 
 
 def trainer_args(args):
-    flags = ["--lr", "2e-4"] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
+    """train.py's flags for this measurement: its defaults (the reference layout and the original recipe
+    train with the original recipe's losses), plus the speed switches under test."""
+    flags = ["--img_size", str(args.img_size)] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
+    flags += train.ORIGINAL_RECIPE if args.reference or args.original_recipe else []
     flags += [] if args.channels_last else ["--no-channels_last"]
     flags += [] if args.fused_adam else ["--no-fused_adam"]
     flags += [] if args.freeze_d else ["--no-freeze_d"]
     return train.parse_args(flags)[0]
+
+
+def arch_name(args):
+    return "reference unet_128" if args.reference else "original recipe" if args.original_recipe else "pixelgan default"
 
 
 def random_batch(batch_size, size):
@@ -124,7 +141,7 @@ def bench_train(args, device, peaks):
     result = dict(what="train", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=args.batch_size,
                   img_per_s=img_per_s, gflop_per_img=gflop, peak_gflops=peaks(dtype),
                   peak_mem_mb=peak_memory_mb(device), g_params_m=models.count_params(trainer.G) / 1e6,
-                  d_params_m=models.count_params(trainer.D) / 1e6, arch="reference unet_128" if args.reference else "pixelgan")
+                  d_params_m=models.count_params(trainer.D) / 1e6, arch=arch_name(args))
     result["peak_fraction"] = img_per_s * gflop / result["peak_gflops"]
     return result, trainer
 
@@ -140,7 +157,7 @@ def bench_generate(args, device, trainer, peaks):
     dtype = trainer.dtype or torch.float32
     result = dict(what="generate", device=str(device), dtype=str(dtype).replace("torch.", ""), batch=batch,
                   img_per_s=batch / seconds, gflop_per_img=gflop, peak_gflops=peaks(dtype),
-                  peak_mem_mb=peak_memory_mb(device), arch="reference unet_128" if args.reference else "pixelgan")
+                  peak_mem_mb=peak_memory_mb(device), arch=arch_name(args))
     result["peak_fraction"] = result["img_per_s"] * gflop / result["peak_gflops"]
     return result
 
@@ -238,9 +255,9 @@ def main(argv=None):
 
     runs = [args]
     if args.compare:
-        runs = [argparse.Namespace(**{**vars(args), "reference": True, "amp": False}),
-                argparse.Namespace(**{**vars(args), "reference": False, "amp": False}),
-                argparse.Namespace(**{**vars(args), "reference": False, "amp": True})]
+        runs = [argparse.Namespace(**{**vars(args), "reference": True, "original_recipe": False, "amp": False}),
+                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": True, "amp": True}),
+                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": False, "amp": True})]
     if not args.json:
         print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{args.img_size}x{args.img_size}, {args.steps} timed steps after {args.warmup} warm-up")
@@ -256,10 +273,12 @@ def main(argv=None):
             report(bench_epoch(run, device, trainer), args.json)
     if args.compare and not args.json:
         ref_train, ref_gen = results[0]["img_per_s"], results[1]["img_per_s"]
-        for label, (tr, ge) in (("ours fp32", results[2:4]), ("ours amp", results[4:6])):
-            print(f"{label:>9} vs reference fp32: train x{tr['img_per_s'] / ref_train:.2f}, "
+        for label, (tr, ge) in (("original recipe", results[2:4]), ("default", results[4:6])):
+            print(f"{label:>15} vs reference fp32: train x{tr['img_per_s'] / ref_train:.2f}, "
                   f"generate x{ge['img_per_s'] / ref_gen:.2f}")
+        print(f"default vs original recipe: {results[4]['gflop_per_img'] / results[2]['gflop_per_img']:.2f}x the FLOPs "
+              f"and {results[2]['img_per_s'] / results[4]['img_per_s']:.2f}x the time per training image")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -3,24 +3,232 @@
 A split folder is what preprocess.py writes: <split>/masks/<stem>.png and <split>/originals/<stem>.png.
 generate.py also accepts a flat folder of masks (no originals).
 """
+import argparse
+import contextlib
 import csv
+import errno
+import itertools
+import math
 import os
+import sys
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABELS_FILE = "labels.csv"
+MAX_PIXELS = 180_000_000  # decompression-bomb guard (preprocess.py uses the same); the largest ISIC images are ~30 MP
+EXTREME_ASPECT = 4.0  # width/height beyond this (or below its inverse) is squashed badly by the square resize
+NAME_MAX_BYTES = 100  # class and run names become folder names; well under every file system's 255
+
+
+# ---------------------------------------------------------------------------------- refusing bad input
+
+class UsageError(ValueError):
+    """Bad input the user can fix (a flag, a file, a name): reported as one line, never a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: the full usage of a script with 40 flags buries the actual problem."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Range:
+    """Allowed values of a numeric flag: lo <= x <= hi (bounds None = open; *_open = strict)."""
+
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def __contains__(self, x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
+            return False
+        return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
+                and (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)))
+
+    def __str__(self):
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi}")
+        return " and ".join(parts) or "a finite number"
+
+
+def check_ranges(args, limits):
+    """Refuse numeric flags outside their Range ({dest: Range}); flags absent from args or None are skipped."""
+    for name, allowed in limits.items():
+        value = getattr(args, name, None)
+        if value is not None and value not in allowed:
+            raise UsageError(f"--{name} must be {allowed}, got {value}")
+
+
+def check_name(name, what="name"):
+    """name, if it is safe as one folder name; else UsageError. Class and run names become folders
+    (<output_dir>/<class>/, pixelgan_models/<run>/): a separator, '..', an absolute path or a leading
+    dot would write outside the folder given, or into a hidden one."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    elif name.startswith("."):
+        problem = "starts with '.' ('.', '..' and hidden folders are not allowed)"
+    elif any(c in name for c in '/\\:*?"<>|') or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = 'contains a path separator or one of : * ? " < > | or a control character'
+    elif len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        problem = f"is longer than {NAME_MAX_BYTES} bytes"
+    elif name.lower() == LABELS_FILE:
+        problem = f"would collide with {LABELS_FILE}"
+    if problem:
+        raise UsageError(f"{what} {name!r} {problem}; it must work as a single folder name")
+    return name
+
+
+def check_device(name):
+    """The device a --device flag names, refused here (not deep inside torch) when it is not present."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device type (use auto, cpu, cuda or cuda:N)")
+    return name
+
+
+def physical_memory():
+    """Bytes of RAM in this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(n_bytes, what, fix):
+    """Refuse work that would need more memory than the machine has, before allocating any of it."""
+    total = physical_memory()
+    if total and n_bytes > total:
+        raise UsageError(f"{what} would need {n_bytes / 2 ** 30:.1f} GiB of memory, this machine has "
+                         f"{total / 2 ** 30:.1f} GiB; {fix}")
+
+
+def describe_os_error(e):
+    """One line for a failed file operation, with what to do about the usual causes."""
+    hint = {errno.ENOSPC: "free some disk space and run again", errno.EDQUOT: "free some disk space and run again",
+            errno.EROFS: "choose a writable output folder", errno.EACCES: "check the permissions or choose another folder",
+            errno.EPERM: "check the permissions or choose another folder",
+            errno.ENAMETOOLONG: "use a shorter file or folder name",
+            errno.EEXIST: "something is already there; choose another name", errno.ENOTDIR: "a file is in the way of a folder",
+            errno.EISDIR: "a folder is in the way of a file"}.get(e.errno)
+    message = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        message = f"{e.filename}: {message}"
+    return f"{message} ({hint})" if hint else message
+
+
+def run_cli(main, interrupted="interrupted"):
+    """Run a script's main() as a command: bad input, a full or read-only disk, too little memory and
+    Ctrl-C end with one line on stderr and a non-zero exit status, never a traceback. interrupted: the
+    Ctrl-C message, or a function returning it (train.py says how to resume)."""
+    try:
+        main()
+        return 0
+    except KeyboardInterrupt:
+        message = interrupted() if callable(interrupted) else interrupted
+        print(f"\n{message}", file=sys.stderr)
+        return 130
+    except ValueError as e:  # UsageError, models.CheckpointError and the like: messages that name the input
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("error: out of memory; lower --batch_size or --img_size", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            print("error: out of memory; lower --batch_size or --img_size", file=sys.stderr)
+            return 1
+        raise
+
+
+# ----------------------------------------------------------------------------------- writing files
+
+_temp_names = itertools.count()
+_temp_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` that replaces it only when the block completes: a kill, Ctrl-C or
+    full disk never leaves a truncated file (or a truncated replacement of a good one). The temporary
+    name is short (a long target name must not overflow NAME_MAX) and keeps the extension, which
+    image writers read the format from."""
+    folder = os.path.dirname(path)
+    with _temp_lock:
+        n = next(_temp_names)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}_{n}{os.path.splitext(path)[1]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_csv(path, header, rows):
+    """A CSV written atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_image(path, array):
+    """An HxW or HxWx3 (BGR) uint8 array as an image file, atomically. Encoded in memory and written with
+    Python I/O, so a full disk raises OSError(ENOSPC) instead of cv2.imwrite's bare False."""
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1] or ".png", array)
+    if not ok:
+        raise ValueError(f"{path}: cannot encode the image")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(encoded.tobytes())
+
+
+def save_png(image_uint8, path):
+    """A uint8 C x H x W tensor (C = 1 or 3, RGB) as a PNG, atomically."""
+    array = image_uint8.detach().cpu().numpy().transpose(1, 2, 0)
+    write_image(path, array[..., 0] if array.shape[2] == 1 else np.ascontiguousarray(array[..., ::-1]))
 
 
 def list_images(folder):
-    """{stem: path} of the image files in a folder (extension case ignored)."""
+    """{stem: path} of the image files in a folder (extension case ignored). Hidden files (macOS '._x.png'
+    forks, temporary files) and anything but regular files (a FIFO would block the reader) are left out."""
     return {os.path.splitext(name)[0]: os.path.join(folder, name)
-            for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_EXTENSIONS)}
+            for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_EXTENSIONS)
+            and not name.startswith(".") and os.path.isfile(os.path.join(folder, name))}
 
 
 def find_pairs(folder):
@@ -36,30 +244,95 @@ def find_pairs(folder):
     return [(stem, path, originals.get(stem)) for stem, path in masks.items()]
 
 
-def read_labels(data_dir):
-    """{stem: class name} from the labels.csv that preprocess.py writes; {} when there is none."""
-    path = os.path.join(data_dir, LABELS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"image_id", "label"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected columns image_id,label (got {','.join(rows[0])})")
-    return {row["image_id"]: row["label"] for row in rows if row["label"]}
+def read_labels(path):
+    """{stem: class name} from a labels.csv as preprocess.py writes it (image_id,label[,split]): `path` is
+    the file itself, or a folder holding it ({} when the folder has none). Class names are checked to be
+    safe folder names; an id listed twice with different labels is reported (the last one wins)."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        path = os.path.join(path, LABELS_FILE)
+        if not os.path.isfile(path):
+            return {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path}: not a readable CSV file ({str(e)[:100]}); expected a labels.csv with image_id,label "
+                         "columns") from None
+    if columns and not {"image_id", "label"} <= set(columns):
+        raise UsageError(f"{path}: expected columns image_id,label (got {','.join(c or '' for c in columns)})")
+    labels = {}
+    for n, row in enumerate(rows, start=2):
+        image_id, label = (row.get("image_id") or "").strip(), (row.get("label") or "").strip()
+        if not image_id or not label:
+            continue
+        try:
+            check_name(label, "class")
+        except UsageError as e:
+            raise UsageError(f"{path}: line {n}: {e}") from None
+        if labels.get(image_id, label) != label:
+            print(f"warning: {path}: {image_id} is listed twice with labels {labels[image_id]!r} and {label!r}; "
+                  f"using {label!r}", file=sys.stderr)
+        labels[image_id] = label
+    return labels
 
 
-def read_mask(path, size):
+def binarize_mask(mask):
+    """uint8 0/255 mask from a single-channel uint8 mask, and the threshold used. A clean two-level mask
+    0/k splits at k/2, so 0/1 label maps (which a fixed 127 reads as empty) keep their lesion; anything
+    else (JPEG-blurred, anti-aliased) splits at 127 as always."""
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.size else np.zeros(1, int)
+    if present.max() <= 1:
+        threshold = 0
+    elif len(present) == 2 and present[0] == 0:
+        threshold = int(present[1]) // 2
+    else:
+        threshold = 127
+    return np.where(mask > threshold, 255, 0).astype(np.uint8), threshold
+
+
+def check_image_size(path):
+    """(width, height) from the header alone; refuses decompression bombs before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{path}: too large ({e})") from None
+    except Exception:  # PIL does not know every format OpenCV reads; cv2 has its own pixel limit
+        return None
+    if w * h > MAX_PIXELS:
+        raise UsageError(f"{path}: too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {MAX_PIXELS / 1e6:.0f} MP limit")
+    return w, h
+
+
+def _aspect_note(path, shape):
+    h, w = shape[:2]
+    if h and w and max(w / h, h / w) > EXTREME_ASPECT:
+        return f"{path}: extreme aspect ratio {w}x{h}; squashed to a square"
+    return None
+
+
+def read_mask(path, size, notes=None):
+    check_image_size(path)
     mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError(f"{path}: cannot be read as an image")
-    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    return np.where(mask > 127, 255, 0).astype(np.uint8)[None]
+    if notes is not None:
+        notes.append(_aspect_note(path, mask.shape))
+    mask, _ = binarize_mask(mask)
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)[None]
 
 
-def read_image(path, size):
+def read_image(path, size, notes=None):
+    check_image_size(path)
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: cannot be read as an image")
+    if notes is not None:
+        notes.append(_aspect_note(path, image.shape))
     # INTER_AREA averages when shrinking, so fine texture does not alias into noise.
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1))
@@ -98,9 +371,20 @@ class PairedDataset(torch.utils.data.Dataset):
         if not self.has_images and any(image_path is not None for _, _, image_path in pairs):
             missing = next(mask_path for _, mask_path, image_path in pairs if image_path is None)
             raise ValueError(f"{missing}: mask has no matching image in {os.path.join(folder, 'originals')}")
+        check_memory(len(pairs) * (4 if self.has_images else 1) * img_size ** 2,
+                     f"{folder}: {len(pairs)} pairs decoded at {img_size}x{img_size}", "use a smaller --img_size or fewer images")
+        notes = []
         with ThreadPoolExecutor(max(1, num_workers)) as pool:  # OpenCV releases the GIL while decoding
-            masks = list(pool.map(lambda p: read_mask(p[1], img_size), pairs))
+            masks = list(pool.map(lambda p: read_mask(p[1], img_size, notes), pairs))
             images = list(pool.map(lambda p: read_image(p[2], img_size), pairs)) if self.has_images else None
+        for note in sorted(n for n in notes if n):
+            print(f"warning: {note}", file=sys.stderr)
+        # Usable but suspicious: the generator learns nothing about lesion shape from these.
+        for kind, test in (("covers the whole image", lambda m: m.min() == 255), ("is empty", lambda m: m.max() == 0)):
+            odd = [name for name, m in zip(self.names, masks) if test(m)]
+            if odd:
+                print(f"warning: {folder}: the mask of {', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''} "
+                      f"({len(odd)} in all) {kind}", file=sys.stderr)
         self.masks = torch.from_numpy(np.stack(masks))
         self.images = torch.from_numpy(np.stack(images)) if images is not None else None
         labels = labels or {}
@@ -133,9 +417,9 @@ def to_uint8(batch):
 
 
 def save_image_grid(rows, path, columns=False):
-    """Save uint8 N x C x H x W batches (C = 1 or 3) as a grid, one batch per row (per column if columns)."""
-    from torchvision.utils import save_image
+    """Save uint8 N x C x H x W batches (C = 1 or 3) as a grid, one batch per row (per column if columns); atomically."""
+    from torchvision.utils import make_grid
     grid = torch.stack([r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r for r in rows])  # kinds x N x 3 x H x W
     if columns:
         grid = grid.transpose(0, 1)
-    save_image(grid.flatten(0, 1).float() / 255.0, path, nrow=grid.shape[1], padding=2)
+    save_png(make_grid(grid.flatten(0, 1), nrow=grid.shape[1], padding=2), path)

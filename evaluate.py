@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 import metrics
 import models
-from dataset import PairedDataset, RandomRot90, read_image, read_labels, to_model_range
+from dataset import (ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, atomic_path, check_device, check_memory,
+                     check_name, check_ranges, read_image, read_labels, run_cli, to_model_range)
 from generate import checkpoint_path, render
-from train import autocast, autocast_dtype, resolve_device
+from train import autocast, autocast_dtype
 
 SETTINGS = ("real_only", "real_plus_synthetic")
 SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
@@ -90,7 +91,7 @@ def json_safe(obj):
 
 
 def write_json(obj, path):
-    with open(path, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(json_safe(obj), f, indent=2)
         f.write("\n")
 
@@ -98,9 +99,23 @@ def write_json(obj, path):
 # ------------------------------------------------------------------------------------------------ realism
 
 
-def distribution_block(fake_uint8, real_uint8, args):
-    """FID/KID of generated vs real, and the like-for-like reference on disjoint halves, or the reason why not."""
+def user_inception(args):
+    """The Inception network of --inception_weights, loaded before any slow work; a file that exists but is
+    refused (not a plain state dict of the right tensors) ends the run, since the user asked for it.
+    None when the flag is not given or names no file (FID/KID then say unavailable, as without weights)."""
+    if not args.inception_weights or not os.path.isfile(args.inception_weights):
+        return None
     extractor, reason = metrics.load_inception(args.inception_weights, device=args.device)
+    if extractor is None:
+        raise UsageError(f"--inception_weights {reason.removeprefix('unavailable: ')}; pass torch-fidelity's "
+                         f"state-dict file ({metrics.TORCH_FIDELITY_WEIGHTS}) or leave the flag out")
+    return extractor
+
+
+def distribution_block(fake_uint8, real_uint8, args, extractor=None):
+    """FID/KID of generated vs real, and the like-for-like reference on disjoint halves, or the reason why not."""
+    if extractor is None:
+        extractor, reason = metrics.load_inception(args.inception_weights, device=args.device)
     if extractor is None:
         return {"status": reason}
     try:
@@ -160,6 +175,7 @@ def evaluate_realism(args):
         raise SystemExit(f"--img_size {args.img_size} differs from the checkpoint's img_size {img_size}; "
                          "realism is measured at the size the generator was trained for")
     epoch = checkpoint_epoch(model_path, ckpt)
+    extractor = user_inception(args)
     out_dir = args.output_dir or os.path.join("pixelgan_outputs", run_name(model_path), f"eval_epoch_{epoch}")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -186,7 +202,7 @@ def evaluate_realism(args):
         for k in per_image:
             per_image[k].append(m[k].double())
     per_image = {k: torch.cat(v) for k, v in per_image.items()}
-    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+    with atomic_path(os.path.join(out_dir, "per_image.csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "l1", "psnr", "ssim"])
         for i, name in enumerate(data.names):
@@ -202,7 +218,7 @@ def evaluate_realism(args):
     if classes and bool((data.labels >= 0).any()):
         summary["per_class"] = {c: {"n": int((data.labels == i).sum()), **{k: mean_finite(v[data.labels == i]) for k, v in per_image.items()}}
                                 for i, c in enumerate(classes) if bool((data.labels == i).any())}
-    summary["distribution"] = distribution_block(fake, data.images, args)
+    summary["distribution"] = distribution_block(fake, data.images, args, extractor)
     summary["diversity"] = diversity_block(generator, config, data.masks, render_labels, args)
     summary["seconds"] = round(time.time() - t0, 1)
     write_json(summary, os.path.join(out_dir, "summary.json"))
@@ -374,6 +390,9 @@ def read_synthetic_dir(folder, classes, size):
         if label not in found:
             ignored[label] = ignored.get(label, 0) + 1
             continue
+        image = os.path.normpath(row[path_col])
+        if os.path.isabs(image) or image == os.pardir or image.startswith(os.pardir + os.sep):
+            raise UsageError(f"{path}: {row[path_col]!r} lies outside {folder}; only images inside it are read")
         try:
             found[label].append(torch.from_numpy(read_image(os.path.join(folder, row[path_col]), size)))
         except ValueError:
@@ -388,6 +407,8 @@ def synthesize(model_path, data_dir, classes, requested, args):
     makes them (jittered masks of that class, stochastic generator)."""
     from generate import class_images
     generator, config, _ = models.load_generator(model_path)
+    check_memory(sum(requested.values()) * 3 * max(config["img_size"], args.img_size) ** 2,
+                 f"{sum(requested.values())} synthetic images", "lower --minority_to or --img_size")
     labels = read_labels(data_dir)
     train = PairedDataset(os.path.join(data_dir, "train"), config["img_size"], labels=labels, classes=classes,
                           num_workers=args.num_workers)
@@ -658,7 +679,8 @@ def bar_chart(groups, path, title, colors):
         draw.rectangle([right + 20, ly, right + 36, ly + 14], fill=colors[s])
         draw.text((right + 42, ly + 7), setting, fill="black", font=f_small, anchor="lm")
         ly += 22
-    img.save(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
     return path
 
 
@@ -710,7 +732,8 @@ def plot_curves(run_dir, out_path=None):
         line_panel(draw, box, series, title, xlabel, CURVE_COLORS)
     out_path = out_path or os.path.join(os.path.dirname(path), "curves.png")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    img.save(out_path)
+    with atomic_path(out_path) as tmp:
+        img.save(tmp)
     print(f"wrote {out_path} ({len(rows)} rows of {path})")
     return out_path
 
@@ -718,8 +741,14 @@ def plot_curves(run_dir, out_path=None):
 # --------------------------------------------------------------------------------------------------- main
 
 
+LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
+          "num_workers": Range(0, 256), "n_variations": Range(0, 64), "n_diversity_masks": Range(0, 100_000),
+          "seeds": Range(1, 100), "epochs": Range(1, 10_000), "minority_to": Range(0, 1_000_000),
+          "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1)}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_folder", help="run folder of generator_epoch_<N>.pth files (the highest epoch is used)")
     p.add_argument("--model_path", help="one generator checkpoint (instead of --model_folder)")
     p.add_argument("--data_dir", default="data", help="preprocess.py output: {train,test}/{originals,masks}, labels.csv")
@@ -757,9 +786,9 @@ def parse_args(argv=None):
             p.error("give --model_folder or --model_path" + ("" if not args.downstream else " (or --synthetic_dir)"))
         if args.model_folder and args.model_path:
             p.error("give --model_folder or --model_path, not both")
-        if args.batch_size < 1 or args.seeds < 1 or args.epochs < 1:
-            p.error("--batch_size, --seeds and --epochs must be positive")
-    args.device = resolve_device(args.device)
+    check_ranges(args, LIMITS)
+    check_name(args.split, "--split")  # a split is a folder inside --data_dir, not a path out of it
+    args.device = check_device(args.device)
     return args
 
 
@@ -776,4 +805,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(lambda: main(sys.argv[1:]), "interrupted: files already written are complete; run again for the rest"))

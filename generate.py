@@ -17,15 +17,20 @@ import sys
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.utils import save_image
 
 import models
-from dataset import PairedDataset, read_labels, save_image_grid, to_model_range, to_uint8
-from train import autocast, autocast_dtype, resolve_device
+from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, check_device, check_name, check_ranges,
+                     read_labels, run_cli, save_image_grid, save_png, to_model_range, to_uint8, write_csv)
+from train import autocast, autocast_dtype
+
+LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
+          "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1)}
+CLASS_CHUNK = 512  # class images rendered (and held in memory) at a time
+NAME_MAX = 255  # bytes in one file name on common file systems
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_folder", help="a run folder; its highest generator_epoch_<N>.pth is used")
     source.add_argument("--model_path", help="one generator checkpoint")
@@ -41,8 +46,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="makes variations, mask jitter and class sampling repeatable")
     p.add_argument("--class", dest="class_name", default=None, help="render images of this class (see labels.csv)")
     p.add_argument("--balance", action="store_true", help="top up every class of --input_dir to the largest one")
-    p.add_argument("--labels", default=None, help="labels.csv (default: the one beside --input_dir, from preprocess.py)")
-    return p.parse_args(argv)
+    p.add_argument("--labels", default=None,
+                   help="labels file, image_id,label[,split] (default: labels.csv beside --input_dir, from preprocess.py)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --output_dir (else refused)")
+    args = p.parse_args(argv)
+    check_ranges(args, LIMITS)
+    if args.class_name is not None:
+        check_name(args.class_name, "--class")
+    args.device = check_device(args.device)
+    return args
 
 
 def mask_jitter(img_size):
@@ -140,14 +152,27 @@ def balance_plan(dataset, labels):
     return {c: target - k for c, k in sorted(counts.items()) if target > k}
 
 
+CLASS_LABELS_HEADER = ["image", "label"]
+
+
+def check_class_labels(output_dir):
+    """Refuse an output folder whose labels.csv this script did not write: rewriting it would lose it."""
+    path = os.path.join(output_dir, LABELS_FILE)
+    if os.path.lexists(path):
+        try:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+        except (OSError, UnicodeDecodeError):
+            header = None
+        if header != CLASS_LABELS_HEADER:
+            raise UsageError(f"{path} exists and is not one generate.py wrote (image,label); choose another --output_dir")
+
+
 def write_class_labels(output_dir):
     """labels.csv listing every <class>/gen_<n>.png under output_dir (ImageFolder reads the same tree)."""
     rows = [(f"{c}/{name}", c) for c in sorted(os.listdir(output_dir)) if os.path.isdir(os.path.join(output_dir, c))
             for name in sorted(os.listdir(os.path.join(output_dir, c))) if name.startswith("gen_") and name.endswith(".png")]
-    with open(os.path.join(output_dir, "labels.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label"])
-        w.writerows(rows)
+    write_csv(os.path.join(output_dir, LABELS_FILE), CLASS_LABELS_HEADER, rows)
     return rows
 
 
@@ -157,36 +182,69 @@ def existing_count(folder):
     return 1 + max((int(n[4:-4]) for n in os.listdir(folder) if n.startswith("gen_") and n[4:-4].isdigit()), default=-1)
 
 
+def output_names(dataset, total):
+    """The file names plain mode writes, in order: every mask once, then <name>_var<k> variations."""
+    names = []
+    for round_index in range((total + len(dataset) - 1) // len(dataset)):
+        for k in range(min(len(dataset), total - round_index * len(dataset))):
+            name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
+            names += [f"gen_only_{name}.png", f"generated_{name}.png"]
+    return names
+
+
 def main(argv=None):
     args = parse_args(argv)
-    args.device = resolve_device(args.device)
     input_dir = args.input_dir or os.path.join("data", "train" if args.balance else "test")
+    output_dir = os.path.abspath(args.output_dir)
+    if os.path.isdir(input_dir) and (output_dir + os.sep).startswith(os.path.abspath(input_dir) + os.sep):
+        raise UsageError(f"--output_dir {args.output_dir} is inside --input_dir {input_dir}: the generated images would "
+                         "be read as masks next time; choose another --output_dir")
+    # --labels names the file itself; by default preprocess.py's labels.csv beside the split folder
+    labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(input_dir)), LABELS_FILE)
+    if args.labels and not os.path.isfile(args.labels):
+        raise UsageError(f"--labels {args.labels}: no such file")
+    labels = read_labels(labels_path)
     generator, config = load_model(args)
-    labels_dir = os.path.dirname(args.labels) if args.labels else os.path.dirname(os.path.normpath(input_dir))
-    labels = read_labels(labels_dir)
     dataset = PairedDataset(input_dir, config["img_size"], labels=labels, classes=config["classes"], num_workers=args.num_workers)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     if args.class_name or args.balance:
         if not labels:
-            raise ValueError(f"{os.path.join(labels_dir, 'labels.csv')}: no labels (preprocess.py --labels, or --labels)")
+            raise UsageError(f"{labels_path}: no labels (preprocess.py --labels, or --labels FILE)")
         plan = balance_plan(dataset, labels) if args.balance else {args.class_name: args.num_images or len(dataset)}
+        for class_name in plan:
+            check_name(class_name, "class")
+        os.makedirs(args.output_dir, exist_ok=True)
+        check_class_labels(args.output_dir)
         for i, (class_name, count) in enumerate(plan.items()):
             folder = os.path.join(args.output_dir, class_name)
+            if os.path.islink(folder):  # it would take the images somewhere outside --output_dir
+                raise UsageError(f"{folder} is a symbolic link; the class folders must be real folders in --output_dir")
             first = existing_count(folder)
-            images = class_images(generator, config, dataset, labels, class_name, count, args.device,
-                                  args.batch_size, args.amp, seed=args.seed + 1000 * i + first)
             os.makedirs(folder, exist_ok=True)
-            for k, image in enumerate(images):
-                save_image(image.float() / 255.0, os.path.join(folder, f"gen_{first + k}.png"))
+            # in chunks: --num_images is bounded by disk space, not by memory
+            for start in range(0, count, CLASS_CHUNK):
+                images = class_images(generator, config, dataset, labels, class_name, min(CLASS_CHUNK, count - start),
+                                      args.device, args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start)
+                for k, image in enumerate(images):
+                    save_png(image, os.path.join(folder, f"gen_{first + start + k}.png"))
             print(f"{class_name}: {count} images -> {folder}")
         rows = write_class_labels(args.output_dir)
-        print(f"{len(rows)} images listed in {os.path.join(args.output_dir, 'labels.csv')}")
+        print(f"{len(rows)} images listed in {os.path.join(args.output_dir, LABELS_FILE)}")
         return
 
     # Plain mode: every mask once (deterministic), then variations until num_images is reached.
     n_masks = len(dataset)
     total = args.num_images or n_masks
+    names = output_names(dataset, total)
+    too_long = next((n for n in names if len(n.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if too_long:
+        raise UsageError(f"{input_dir}: a mask name makes the output file name {too_long[:40]}... longer than "
+                         f"{NAME_MAX} bytes; rename that mask")
+    existing = [n for n in names if os.path.lexists(os.path.join(args.output_dir, n))] if os.path.isdir(args.output_dir) else []
+    if existing and not args.overwrite:
+        raise UsageError(f"{os.path.join(args.output_dir, existing[0])} already exists ({len(existing)} files would be "
+                         "replaced); choose another --output_dir, or pass --overwrite")
+    os.makedirs(args.output_dir, exist_ok=True)
     if config["n_classes"] and (dataset.labels < 0).any():
         print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]}", file=sys.stderr)
     mask_labels = dataset.labels.clamp(min=0)
@@ -198,7 +256,7 @@ def main(argv=None):
                        stochastic=round_index > 0, seed=args.seed + round_index)
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
-            save_image(fakes[k].float() / 255.0, os.path.join(args.output_dir, f"gen_only_{name}.png"))
+            save_png(fakes[k], os.path.join(args.output_dir, f"gen_only_{name}.png"))
             panels = [masks[k:k + 1], fakes[k:k + 1]]
             if dataset.images is not None and round_index == 0:
                 panels.append(dataset.images[k:k + 1])
@@ -208,7 +266,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (models.CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli(main, "interrupted: the images written so far are complete; run again with another --output_dir "
+                           "(or --overwrite) for the rest"))

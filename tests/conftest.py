@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY_MODEL = ["--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0", "--no_tensorboard"]
+# Plumbing tests train the PatchGAN alone: the projected critic's pretrained trunk would only slow them
+# down; test_train.py trains the full default (both critics) on its own.
+TINY_MODEL = ["--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0", "--no_tensorboard", "--no-projected_d"]
 
 
 def write_split(folder, n, size=40, seed=0, classes=("melanoma", "nevus")):

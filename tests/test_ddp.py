@@ -65,7 +65,8 @@ def test_two_process_gloo_training(tmp_path):
 
     # resumes without torchrun
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(model_dir),
-                              "--n_epochs", "3"], capture_output=True, text=True, timeout=120, env=env)
+                              "--n_epochs", "3", "--outputs_dir", str(tmp_path / "outputs")],
+                             capture_output=True, text=True, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (model_dir / "generator_epoch_3.pth").exists()
 

@@ -138,3 +138,66 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"config": {}, "generator": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(models.CheckpointError, match="evil.pth"):
         models.load_checkpoint(str(tmp_path / "evil.pth"))
+
+
+def test_projected_discriminator_on_frozen_imagenet_features():
+    D = models.build_discriminator(models.make_config(projected_d=True))
+    masks, images = torch.zeros(2, 1, 128, 128), torch.rand(2, 3, 128, 128) * 2 - 1
+    scores = D(masks, images)
+    # the PatchGAN's 8x8 map first, then one map per feature tap (32, 16, 8, 4 px -> 8, 8, 8, 4)
+    assert [tuple(s.shape[1:]) for s in scores] == [(1, 8, 8), (1, 8, 8), (1, 8, 8), (1, 8, 8), (1, 4, 4)]
+    assert D.n_patch_maps == 1
+    # Only the PatchGAN and the light per-scale heads train; the pretrained trunk is in no optimizer,
+    # in no checkpoint, and keeps its ImageNet BatchNorm statistics in training mode.
+    assert models.count_params(D) == 693_409 + models.count_params(D.projected.heads)
+    assert not any(key.startswith("projected.features") for key in D.state_dict())
+    assert {"projected.ccm0", "projected.csm0"} <= set(D.state_dict())  # the fixed random mixing is saved
+    D.train()
+    assert not D.projected.features.training
+    before = D.projected.features.stem[1].running_mean.clone()
+    D(masks, images)
+    assert torch.equal(before, D.projected.features.stem[1].running_mean)
+    # init_weights leaves the pretrained weights alone: the trunk still predicts the check photograph.
+    trunk = models.load_feature_network()
+    assert torch.equal(D.projected.features.stem[0].weight, trunk._conv_stem.weight)
+    # G is trained through the frozen features: gradients reach the image, and the mask changes the scores.
+    images.requires_grad_(True)
+    sum(s.mean() for s in D(masks, images)[1:]).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with torch.no_grad():
+        other = D.eval()(torch.ones(2, 1, 128, 128), images)
+        assert not torch.equal(other[1], D(masks, images)[1])
+    # the fixed mixing is the same in every build (its own seed), so saved heads always fit it
+    again = models.build_discriminator(models.make_config(projected_d=True))
+    assert torch.equal(again.projected.ccm3, D.projected.ccm3)
+    with pytest.raises(ValueError, match="projected_d"):
+        models.make_config(img_size=16, projected_d=True)
+
+
+def test_pretrained_weights_are_checked_on_load(monkeypatch):
+    models.checked_feature_weights.cache_clear()
+    monkeypatch.setattr(models, "IMAGENET_CHECK_CLASS", 1)
+    with pytest.raises(models.PretrainedWeightsError, match="predicts ImageNet class 652"):
+        models.load_feature_network()
+    monkeypatch.undo()
+    assert int(models.load_feature_network()(models.check_photo()).argmax()) == 652
+    monkeypatch.setattr(models, "LPIPS_CHECK_DISTANCE", 0.5)
+    with pytest.raises(models.PretrainedWeightsError, match="ST-LPIPS gives 0.37"):
+        models.load_perceptual_loss()
+    # A missing package is a one-line instruction (a ValueError: the scripts print it as one line).
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
+    with pytest.raises(ValueError, match="pip install efficientnet-lite-pytorch"):
+        models.load_feature_network()
+
+
+def test_perceptual_loss_is_zero_for_equal_images_and_grows_with_blur():
+    lpips = models.load_perceptual_loss()
+    photo = models.check_photo(64)
+    blurred = torch.nn.functional.avg_pool2d(photo, 3, stride=1, padding=1, count_include_pad=False)
+    blurrier = torch.nn.functional.avg_pool2d(photo, 7, stride=1, padding=3, count_include_pad=False)
+    assert float(lpips(photo, photo).flatten()[0]) == 0
+    assert 0 < float(lpips(photo, blurred).flatten()[0]) < float(lpips(photo, blurrier).flatten()[0])
+    fake = blurred.clone().requires_grad_(True)
+    lpips(fake, photo).sum().backward()
+    assert fake.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())

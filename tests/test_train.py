@@ -61,7 +61,7 @@ def test_same_seed_same_weights_and_resume_matches_uninterrupted(tiny_data, run_
     full = run_train(tiny_data, run_dirs, "--n_epochs", "3", "--save_freq", "1", "--run_name", "full")
     again = run_train(tiny_data, run_dirs, "--n_epochs", "3", "--save_freq", "1", "--run_name", "again")
     part = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--save_freq", "1", "--run_name", "part")
-    train.main(["--resume", part, "--n_epochs", "3"])
+    train.main(["--resume", part, "--n_epochs", "3", *run_dirs[2:]])  # outputs never come from the checkpoint
     reference = weights(os.path.join(full, "last.pth"))
     for other in (again, part):
         resumed = weights(os.path.join(other, "last.pth"))
@@ -109,7 +109,7 @@ def test_kill_9_then_resume_completes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (model_dir / "generator_epoch_25.pth").exists()
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(model_dir)],
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(model_dir), *dirs[2:]],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after epoch" in done.stdout
@@ -180,3 +180,25 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     with pytest.raises(ValueError, match="noise_dim"):
         models.make_config(style_encoder=True)
+
+
+def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
+    """train.py's default: PatchGAN + projected critic on frozen ImageNet features, DiffAugment on D's inputs."""
+    args = train.parse_args([])[0]
+    assert args.projected_d and args.diffaug == "color,translation,cutout" and args.lambda_l1 == 100
+    base = ["--data_dir", tiny_data, "--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0",
+            "--no_tensorboard", *run_dirs, "--batch_size", "4", "--run_name", "both"]
+    model_dir = train.main([*base, "--n_epochs", "1"])
+    first = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
+    assert first["config"]["projected_d"]
+    model_dir = train.main(["--resume", model_dir, "--n_epochs", "2", "--outputs_dir", run_dirs[3]])
+    state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
+    heads = [k for k in state["discriminator"] if k.startswith("projected.heads") and k.endswith("weight")]
+    assert heads and all(not torch.equal(first["discriminator"][k], state["discriminator"][k]) for k in heads)
+    # the fixed random mixing never trains, and the pretrained trunk is not in the checkpoint
+    assert torch.equal(first["discriminator"]["projected.ccm0"], state["discriminator"]["projected.ccm0"])
+    assert not any(k.startswith("projected.features") for k in state["discriminator"])
+    # the original recipe stays reachable by flags: no projected critic, no augmentation
+    recipe = train.parse_args(train.ORIGINAL_RECIPE)[0]
+    assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
+    assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
