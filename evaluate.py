@@ -37,9 +37,13 @@ from dataset import (ArgumentParser, PairedDataset, RandomRot90, Range, UsageErr
 from generate import checkpoint_path, render
 from train import autocast, autocast_dtype
 
-SETTINGS = ("real_only", "real_plus_synthetic")
-SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic"}
-SETTING_COLORS = {"real_only": (66, 110, 180), "real_plus_synthetic": (232, 128, 40)}
+# synthetic_only is CAS (Ravuri & Vinyals 2019): trained on renders alone, tested on real images
+SETTINGS = ("real_only", "real_plus_synthetic", "real_plus_twin", "synthetic_only", "synthetic_then_real")
+DEFAULT_SETTINGS = "real_only,real_plus_synthetic,synthetic_only"
+SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic", "real_plus_twin": "real + synthetic twin",
+                 "synthetic_only": "synthetic only (CAS)", "synthetic_then_real": "synthetic, then real"}
+SETTING_COLORS = {"real_only": (66, 110, 180), "real_plus_synthetic": (232, 128, 40), "real_plus_twin": (200, 70, 70),
+                  "synthetic_only": (80, 160, 80), "synthetic_then_real": (150, 100, 180)}
 
 
 def checkpoint_epoch(path, ckpt):
@@ -277,46 +281,55 @@ def class_weights(labels, n_classes):
     return counts.sum() / (n_classes * counts.clamp(min=1))
 
 
-def train_classifier(images, labels, n_classes, args, seed, desc="train"):
+def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, model=None):
+    """A classifier after exactly `steps` optimizer steps on (images, labels). Batches are drawn without
+    replacement and reshuffled each pass, so every setting can be given the same number of steps (equal
+    compute) whatever its size. `model` continues training a given network (fine-tuning) with a fresh
+    optimizer and schedule. Returns the model and its mean training loss."""
     torch.manual_seed(seed)
-    device = args.device
-    model = make_classifier(args.classifier, n_classes).to(device)
+    device = torch.device(args.device)
+    if model is None:
+        model = make_classifier(args.classifier, n_classes)
+    model = model.to(device, memory_format=torch.channels_last).train()
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels, n_classes).to(device))
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loader = torch.utils.data.DataLoader(
-        ImageSet(images, labels, classifier_augmentation()), batch_size=args.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(seed), drop_last=len(images) > args.batch_size)  # no size-1 BatchNorm batches
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs * len(loader)))
-    dtype = autocast_dtype(torch.device(device), args.amp)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    model.train()
-    bar = tqdm(range(args.epochs), desc=desc, unit="epoch", disable=None, leave=False)
-    for _ in bar:
-        total, n = 0.0, 0
-        for x, y in loader:
-            x, y = to_model_range(x, device), y.to(device, non_blocking=True)
-            with autocast(torch.device(device), dtype):
-                loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
-    return model
+    batch = min(args.batch_size, len(images))
+    sampler = torch.utils.data.RandomSampler(range(len(images)), num_samples=steps * batch,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(ImageSet(images, labels, classifier_augmentation()), batch_size=batch,
+                                         sampler=sampler, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    dtype = autocast_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for x, y in loader:
+        x, y = to_model_range(x, device, torch.channels_last), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        total += loss.detach()
+        if bar is not None:
+            bar.update()
+    return model, float(total) / max(steps, 1)
 
 
 @torch.inference_mode()
 def predict_proba(model, images, args):
     model.eval()
+    device = torch.device(args.device)
+    dtype = autocast_dtype(device, args.amp)
     out = []
     for start in range(0, len(images), args.batch_size):
-        x = to_model_range(images[start:start + args.batch_size], args.device)
-        out.append(model(x).float().softmax(1).cpu())
+        x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
+        with autocast(device, dtype):
+            out.append(model(x).float().softmax(1).cpu())
     return torch.cat(out)
 
 
@@ -341,12 +354,14 @@ def classification_metrics(probs, target, classes, positive):
 
 
 def mean_std(values):
-    """Mean and sample std over seeds; std is None for a single seed (there is no spread to report)."""
+    """Mean, sample std and standard error of the mean over seeds; std and sem are None for a single
+    seed (there is no spread to report)."""
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
-        return {"mean": float("nan"), "std": None, "values": values}
+        return {"mean": float("nan"), "std": None, "sem": None, "values": values}
     std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
-    return {"mean": float(np.mean(vals)), "std": std, "values": values}
+    return {"mean": float(np.mean(vals)), "std": std, "sem": std / math.sqrt(len(vals)) if std is not None else None,
+            "values": values}
 
 
 def labelled_split(data_dir, split, size, labels, classes, num_workers):
@@ -408,7 +423,7 @@ def synthesize(model_path, data_dir, classes, requested, args):
     from generate import class_images
     generator, config, _ = models.load_generator(model_path)
     check_memory(sum(requested.values()) * 3 * max(config["img_size"], args.img_size) ** 2,
-                 f"{sum(requested.values())} synthetic images", "lower --minority_to or --img_size")
+                 f"{sum(requested.values())} synthetic images", "lower --minority_to, --reject or --img_size")
     labels = read_labels(data_dir)
     train = PairedDataset(os.path.join(data_dir, "train"), config["img_size"], labels=labels, classes=classes,
                           num_workers=args.num_workers)
@@ -437,23 +452,37 @@ def positive_class(classes, minority):
 def print_downstream_table(result):
     classes, pos = result["classes"], result["positive_class"]
     print(f"\nDownstream: {result['classifier']} from scratch at {result['img_size']}x{result['img_size']}, "
-          f"{result['epochs']} epochs, seeds {result['seeds']}; tested on {result['n_test']} real {result['test_split']} images")
-    print(f"  positive class for AUC: {pos} ({result['positive_class_reason']}); minority classes: {result['minority_classes']}")
+          f"{result['steps']} steps of {result['batch_size']} per setting ({result['epochs']} passes over the real "
+          f"train split), seeds {result['seeds']}; tested on {result['n_test']} real {result['test_split']} images")
+    print(f"  positive class for AUC: {pos} ({result['positive_class_reason']}); minority classes: {result['minority_classes']}"
+          + (f"; least plausible {result['reject']:.0%} of renders rejected" if result["reject"] else ""))
 
     def cell(ms):
-        return fmt(ms["mean"]) + (" +- " + fmt(ms["std"]) if ms["std"] is not None else "")
+        return fmt(ms["mean"]) + (" +- " + fmt(ms["sem"]) if ms.get("sem") is not None else "")
 
     cols = ["balanced acc", f"AUC {pos}-vs-rest"] + [f"recall {c}" for c in classes]
     width = max(22, max(len(c) for c in cols) + 2)
-    print("  " + f"{'setting':<20}{'real':>7}{'synth':>7}" + "".join(f"{c:>{width}}" for c in cols))
-    for s in SETTINGS:
-        r = result["settings"][s]
+    print("  mean +- standard error over seeds")
+    print("  " + f"{'setting':<22}{'real':>7}{'synth':>7}" + "".join(f"{c:>{width}}" for c in cols))
+    for s, r in result["settings"].items():
         cells = [cell(r["balanced_accuracy"]), cell(r["auroc"])] + [cell(r["recall"][c]) for c in classes]
-        print("  " + f"{SETTING_NAMES[s]:<20}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>{width}}" for c in cells))
-    a = result["settings"]["real_only"]["balanced_accuracy"]["mean"]
-    b = result["settings"]["real_plus_synthetic"]["balanced_accuracy"]["mean"]
-    verdict = "helped" if b > a else "did not help" if b < a else "made no difference"
-    print(f"  synthetic images {verdict}: balanced accuracy {fmt(a)} -> {fmt(b)} ({fmt(b - a, '+.4f')})")
+        print("  " + f"{SETTING_NAMES[s]:<22}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>{width}}" for c in cells))
+    for s, g in result["gain_over_real_only"].items():
+        d = g["balanced_accuracy"]
+        verdict = "helped" if d["mean"] > 0 else "did not help" if d["mean"] < 0 else "made no difference"
+        print(f"  {SETTING_NAMES[s]} vs real only (paired by seed): balanced accuracy {fmt(d['mean'], '+.4f')}"
+              + (f" +- {fmt(d['sem'])}" if d["sem"] is not None else "")
+              + f", {pos} recall {fmt(g['positive_recall']['mean'], '+.4f')}: {verdict}")
+    if "synthetic_only" in result["settings"] and "real_only" in result["settings"]:
+        cas = result["settings"]["synthetic_only"]["balanced_accuracy"]["mean"]
+        real = result["settings"]["real_only"]["balanced_accuracy"]["mean"]
+        print(f"  CAS / real-only balanced accuracy: {fmt(cas / real if real else float('nan'), '.3f')}")
+
+
+def ranked_by_plausibility(model, images, class_idx, args):
+    """images ordered from most to least probable for their intended class under a real-trained classifier."""
+    order = predict_proba(model, images, args)[:, class_idx].argsort(descending=True)
+    return images[order]
 
 
 def evaluate_downstream(args):
@@ -472,75 +501,114 @@ def evaluate_downstream(args):
     present = [c for c, n in zip(classes, counts.tolist()) if n > 0]
     if len(present) < 2:
         raise SystemExit(f"need at least two classes in the train split, found {present}")
+    settings = args.settings
     target = args.minority_to if args.minority_to is not None else int(counts.max())
     requested = {c: max(0, target - int(n)) for c, n in zip(classes, counts.tolist()) if n > 0}
     minority = [c for c, n in requested.items() if n > 0]
     pos, pos_reason = positive_class(present, minority)
+    # every setting but real_only draws on one pool of renders per class: the minority top-up for
+    # real + synthetic, a synthetic twin of the real train split (same size per class) for the others
+    twin_settings = {"real_plus_twin", "synthetic_only", "synthetic_then_real"}
+    wanted = {c: max(requested[c] if "real_plus_synthetic" in settings else 0,
+                     int(counts[classes.index(c)]) if set(settings) & twin_settings else 0)
+              for c in present}
+    pool_size = {c: math.ceil(n / (1 - args.reject)) for c, n in wanted.items()}
 
     model_path = checkpoint_path(args) if args.model_folder or args.model_path else None
     if args.synthetic_dir:
         available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
-        synthetic, source = {}, f"directory {args.synthetic_dir}"
-        for c in minority:
-            synthetic[c] = available[c][:requested[c]]
-            if len(synthetic[c]) < requested[c]:
-                print(f"warning: {c}: {requested[c]} synthetic images wanted to reach {target}, "
-                      f"{len(available[c])} in {args.synthetic_dir}; using all of them")
+        pool, source = {c: available[c][:pool_size[c]] for c in present}, f"directory {args.synthetic_dir}"
+        for c in present:
+            if len(pool[c]) < pool_size[c]:
+                print(f"warning: {c}: {pool_size[c]} synthetic images wanted, {len(available[c])} in "
+                      f"{args.synthetic_dir}; using all of them")
     elif model_path:
-        synthetic, source = synthesize(model_path, args.data_dir, classes, requested, args), f"generator {model_path}"
+        pool, source = synthesize(model_path, args.data_dir, classes, pool_size, args), f"generator {model_path}"
     else:
         raise SystemExit("--downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
+    for s in twin_settings:
+        lacking = [c for c in present if not len(pool.get(c, ()))]
+        if s in settings and lacking:
+            raise SystemExit(f"--settings {s} needs synthetic images of every class; none of {', '.join(lacking)}")
 
-    syn_classes = [c for c in minority if c in synthetic and len(synthetic[c])]
-    x_syn = torch.cat([synthetic[c] for c in syn_classes]) if syn_classes else x_real[:0]
-    y_syn = torch.cat([torch.full((len(synthetic[c]),), classes.index(c), dtype=torch.long) for c in syn_classes]) \
-        if syn_classes else y_real[:0]
-    train_sets = {"real_only": (x_real, y_real), "real_plus_synthetic": (torch.cat([x_real, x_syn]), torch.cat([y_real, y_syn]))}
-    n_syn = {c: len(synthetic.get(c, ())) for c in present}
-
+    steps = args.epochs * math.ceil(len(y_real) / min(args.batch_size, len(y_real)))
     seeds = [args.seed + i for i in range(args.seeds)]
-    runs = {s: [] for s in SETTINGS}
+    runs = {s: [] for s in settings}
+    n_syn = {s: {c: 0 for c in present} for s in settings}
+    bar = tqdm(total=len(seeds) * len(settings) * steps, desc="classifiers", unit="step", disable=None, smoothing=0.05)
+    training_started, done = time.time(), 0
     for seed in seeds:
-        for s in SETTINGS:
-            x, y = train_sets[s]
-            model = train_classifier(x, y, len(classes), args, seed, desc=f"{s} seed {seed}")
+        ranked = {c: pool.get(c, x_real[:0]) for c in present}
+        for s in settings:
+            if s == "real_only":
+                x, y = x_real, y_real
+            else:
+                take = {c: requested[c] if s == "real_plus_synthetic" else int(counts[classes.index(c)]) for c in present}
+                syn = {c: ranked[c][:take[c]] for c in present}
+                n_syn[s] = {c: len(v) for c, v in syn.items()}
+                x_syn = torch.cat([syn[c] for c in present])
+                y_syn = torch.cat([torch.full((len(syn[c]),), classes.index(c), dtype=torch.long) for c in present])
+                if s in ("real_plus_synthetic", "real_plus_twin"):
+                    x, y = torch.cat([x_real, x_syn]), torch.cat([y_real, y_syn])
+                else:
+                    x, y = x_syn, y_syn
+            started = time.time()
+            if s == "synthetic_then_real":  # half the steps on synthetic images, then fine-tuned on real ones
+                model, _ = train_classifier(x, y, len(classes), args, seed, steps // 2, bar)
+                model, loss = train_classifier(x_real, y_real, len(classes), args, seed, steps - steps // 2, bar, model)
+            else:
+                model, loss = train_classifier(x, y, len(classes), args, seed, steps, bar)
+            if s == "real_only" and args.reject:  # this seed's real-only classifier drops the least plausible renders
+                ranked = {c: ranked_by_plausibility(model, pool[c], classes.index(c), args)[:wanted[c]]
+                          if len(pool.get(c, ())) else pool.get(c, x_real[:0]) for c in present}
             runs[s].append(classification_metrics(predict_proba(model, x_test, args), y_test, classes, pos))
             r = runs[s][-1]
-            print(f"seed {seed} {SETTING_NAMES[s]:<17} balanced acc {fmt(r['balanced_accuracy'])}  AUC {fmt(r['auroc'])}")
+            done += steps
+            left = (len(seeds) * len(settings) * steps - done) / done * (time.time() - training_started)
+            tqdm.write(f"seed {seed} {SETTING_NAMES[s]:<22} balanced acc {fmt(r['balanced_accuracy'])}  AUC {fmt(r['auroc'])}  "
+                       f"train loss {loss:.3f}  ({time.time() - started:.0f} s; about {left / 60:.0f} min left)")
+    bar.close()
 
     result = {
         "data_dir": args.data_dir, "test_split": args.split, "classes": classes, "classifier": args.classifier,
-        "img_size": args.img_size, "epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "seeds": seeds,
+        "img_size": args.img_size, "epochs": args.epochs, "steps": steps, "batch_size": args.batch_size,
+        "optimizer": args.optimizer, "lr": args.lr, "seeds": seeds, "reject": args.reject,
         "synthetic_source": source, "minority_to": target, "minority_classes": minority,
         "positive_class": pos, "positive_class_reason": pos_reason,
         "n_test": len(y_test), "n_test_per_class": {c: int((y_test == i).sum()) for i, c in enumerate(classes)},
         "synthetic_requested_per_class": {c: requested[c] for c in present},
-        "settings": {},
+        "settings": {}, "gain_over_real_only": {},
     }
-    for s in SETTINGS:
-        syn = n_syn if s == "real_plus_synthetic" else {c: 0 for c in present}
+    for s in settings:
         result["settings"][s] = {
-            "n_real": len(y_real), "n_synthetic": sum(syn.values()),
-            "n_real_per_class": {c: int(n) for c, n in zip(classes, counts.tolist()) if n > 0},
-            "n_synthetic_per_class": syn,
+            "n_real": 0 if s == "synthetic_only" else len(y_real), "n_synthetic": sum(n_syn[s].values()),
+            "n_real_per_class": {c: 0 if s == "synthetic_only" else int(counts[classes.index(c)]) for c in present},
+            "n_synthetic_per_class": n_syn[s],
             "balanced_accuracy": mean_std([r["balanced_accuracy"] for r in runs[s]]),
             "accuracy": mean_std([r["accuracy"] for r in runs[s]]),
             "auroc": mean_std([r["auroc"] for r in runs[s]]),
             "recall": {c: mean_std([r["recall"][c] for r in runs[s]]) for c in classes},
         }
+        if s != "real_only" and "real_only" in settings:
+            # paired by seed: the same seed draws the same initialisation, so the difference has less noise
+            result["gain_over_real_only"][s] = {
+                "balanced_accuracy": mean_std([a["balanced_accuracy"] - b["balanced_accuracy"]
+                                               for a, b in zip(runs[s], runs["real_only"])]),
+                "positive_recall": mean_std([a["recall"][pos] - b["recall"][pos] for a, b in zip(runs[s], runs["real_only"])]),
+            }
     result["seconds"] = round(time.time() - t0, 1)
 
     out_dir = args.output_dir or default_downstream_dir(model_path)
     os.makedirs(out_dir, exist_ok=True)
     write_json(result, os.path.join(out_dir, "downstream.json"))
     legend = {s: f"{SETTING_NAMES[s]} ({result['settings'][s]['n_real']} real + {result['settings'][s]['n_synthetic']} synthetic)"
-              for s in SETTINGS}
+              for s in settings}
     chart = {legend[s]: {"balanced accuracy": result["settings"][s]["balanced_accuracy"],
-                                f"{pos} recall": result["settings"][s]["recall"][pos],
-                                f"{pos}-vs-rest AUC": result["settings"][s]["auroc"]} for s in SETTINGS}
+                         f"{pos} recall": result["settings"][s]["recall"][pos],
+                         f"{pos}-vs-rest AUC": result["settings"][s]["auroc"]} for s in settings}
     bar_chart(chart, os.path.join(out_dir, "downstream.png"),
               title=f"{args.classifier} on real {args.split} images, mean +- std over {len(seeds)} seed(s)",
-              colors=[SETTING_COLORS[s] for s in SETTINGS])
+              colors=[SETTING_COLORS[s] for s in settings])
     print_downstream_table(result)
     print(f"\nwrote {os.path.join(out_dir, 'downstream.json')} and downstream.png ({result['seconds']} s)")
     return result
@@ -744,7 +812,7 @@ def plot_curves(run_dir, out_path=None):
 LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
           "num_workers": Range(0, 256), "n_variations": Range(0, 64), "n_diversity_masks": Range(0, 100_000),
           "seeds": Range(1, 100), "epochs": Range(1, 10_000), "minority_to": Range(0, 1_000_000),
-          "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1)}
+          "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1), "reject": Range(0, 1, hi_open=True)}
 
 
 def parse_args(argv=None):
@@ -755,7 +823,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="split to evaluate on (the classifier's test split in --downstream)")
     p.add_argument("--img_size", type=int, default=None,
                    help="realism: must match the checkpoint (default: the checkpoint's); downstream: classifier input size (default 128)")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=None, help="default: 64 renders (realism), 32 images per classifier step (downstream)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision as in train.py: bf16 where supported, else fp16 with loss scaling")
     p.add_argument("--seed", type=int, default=0)
@@ -769,8 +837,17 @@ def parse_args(argv=None):
     # downstream
     p.add_argument("--downstream", action="store_true", help="train classifiers real-only vs real+synthetic")
     p.add_argument("--synthetic_dir", default=None, help="generate.py --balance output: DIR/<class>/gen_<n>.png + DIR/labels.csv")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help=f"comma list of what the classifier trains on, each tested on the real --split: {', '.join(SETTINGS)} "
+                        "(real_plus_synthetic: minority classes topped up to the largest; real_plus_twin: a synthetic "
+                        "twin of the train split added, every class alike; synthetic_only is CAS: the twin alone; "
+                        "synthetic_then_real: half the steps on the twin, then fine-tuned on real)")
     p.add_argument("--seeds", type=int, default=3, help="classifier seeds per setting (seed, seed+1, ...)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=8,
+                   help="passes over the real train split; every setting trains that many steps (equal compute)")
+    p.add_argument("--reject", type=float, default=0.0,
+                   help="render 1/(1-R) times the synthetic images needed and keep those each seed's real-only "
+                        "classifier finds most probable for their class (needs real_only in --settings)")
     p.add_argument("--classifier", choices=("resnet18", "small"), default="resnet18")
     p.add_argument("--minority_to", type=int, default=None,
                    help="top every smaller class up to this many images (default: the largest class's size)")
@@ -786,7 +863,16 @@ def parse_args(argv=None):
             p.error("give --model_folder or --model_path" + ("" if not args.downstream else " (or --synthetic_dir)"))
         if args.model_folder and args.model_path:
             p.error("give --model_folder or --model_path, not both")
+    if args.batch_size is None:
+        args.batch_size = 32 if args.downstream else 64
     check_ranges(args, LIMITS)
+    chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown or not chosen:
+        p.error(f"--settings: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SETTINGS)}")
+    args.settings = [s for s in SETTINGS if s in chosen]  # real_only first: --reject ranks renders with it
+    if args.reject and "real_only" not in args.settings:
+        p.error("--reject ranks renders with the real-only classifier: keep real_only in --settings")
     check_name(args.split, "--split")  # a split is a folder inside --data_dir, not a path out of it
     args.device = check_device(args.device)
     return args

@@ -2,8 +2,8 @@
 Prepare (mask, image) pairs for the Skin Lesion PixelGAN.
 
 Reads dermoscopy images from --source_dir, takes or makes a binary lesion mask
-for each, resizes both to a square working resolution and splits them into
-train/test under --data_dir:
+for each, makes both square (--resize: squash, crop around the lesion, or mirror-pad),
+resizes them to the working resolution and splits them into train/test under --data_dir:
 
     DATA/train/originals/<stem>.png   RGB, img_size x img_size
     DATA/train/masks/<stem>.png       single channel, values 0 and 255
@@ -526,7 +526,40 @@ def _mask_index(mask_dir):
     return index
 
 
-def process_pair(img_path, mask_path, out_dir, img_size, mask_method):
+def to_square(rgb, mask, mode):
+    """Image and mask made square before the resize. squash: untouched (the resize stretches the short
+    side, so lesions get taller or wider than they are). crop: the largest square, placed to keep as much
+    of the lesion as fits and centred on it otherwise (shape kept, some skin lost). pad: the short side
+    mirrored out to a square (shape and all pixels kept; no black bars, which no mask could explain to the
+    generator). Returns (rgb, mask, lesion pixels cut off)."""
+    h, w = mask.shape
+    if mode == "squash" or h == w:
+        return rgb, mask, 0
+    side = min(h, w)
+    if mode == "crop":
+        lesion = mask > 127
+        profile = lesion.any(1) if h > w else lesion.any(0)  # along the long axis
+        where = np.flatnonzero(profile)
+        long = max(h, w)
+        if where.size:
+            lo, hi = int(where[0]), int(where[-1]) + 1
+            centre = (lo + hi) // 2 if hi - lo <= side else int(np.argmax(np.convolve(  # the window holding most lesion
+                lesion.sum(1 if h > w else 0), np.ones(side), mode="valid"))) + side // 2
+        else:
+            centre = long // 2
+        start = min(max(centre - side // 2, 0), long - side)
+        crop = (slice(start, start + side), slice(None)) if h > w else (slice(None), slice(start, start + side))
+        lost = int((mask > 127).sum() - (mask[crop] > 127).sum())
+        return np.ascontiguousarray(rgb[crop]), np.ascontiguousarray(mask[crop]), lost
+    extra = abs(h - w)
+    before, after = extra // 2, extra - extra // 2
+    pads = (before, after, 0, 0) if h < w else (0, 0, before, after)
+    # image and mask mirrored alike: a lesion reaching that edge is mirrored in both, so they still agree
+    return (cv2.copyMakeBorder(rgb, *pads, borderType=cv2.BORDER_REFLECT_101),
+            cv2.copyMakeBorder(mask, *pads, borderType=cv2.BORDER_REFLECT_101), 0)
+
+
+def process_pair(img_path, mask_path, out_dir, img_size, mask_method, resize="squash"):
     """Load, mask, resize and write one pair to out_dir/{originals,masks}/<stem>.png.
     Returns (status, message, notes): status is 'gt' or 'generated' on success, else a skip reason key."""
     stem = Path(img_path).stem
@@ -558,8 +591,11 @@ def process_pair(img_path, mask_path, out_dir, img_size, mask_method):
     else:
         mask = segment_lesion(rgb, mask_method)
         source = "generated"
-    if max(w / h, h / w) > EXTREME_ASPECT:
+    if resize == "squash" and max(w / h, h / w) > EXTREME_ASPECT:
         notes.append(f"{img_path}: extreme aspect ratio {w}x{h}; squashed to {img_size}x{img_size}")
+    rgb, mask, lost = to_square(rgb, mask, resize)
+    if lost:
+        notes.append(f"{img_path}: --resize crop cut off {lost / (lost + int((mask > 127).sum())):.0%} of the lesion")
     img = cv2.resize(rgb, (img_size, img_size), interpolation=cv2.INTER_AREA)
     mask = np.where(cv2.resize(mask, (img_size, img_size), interpolation=cv2.INTER_NEAREST) > 127, 255, 0).astype(np.uint8)
     if not mask.any():
@@ -639,6 +675,9 @@ def main(argv=None):
     parser.add_argument("--test_split", type=float, default=0.1, help="fraction of images (lesions when grouped) for test")
     parser.add_argument("--seed", type=int, default=42, help="random seed for the split and the demo set")
     parser.add_argument("--img_size", type=int, default=256, help="square working resolution")
+    parser.add_argument("--resize", choices=["squash", "crop", "pad"], default="squash",
+                        help="how a non-square image becomes square: squash (stretch, lesion shape distorted), "
+                             "crop (largest square around the lesion, shape kept), pad (mirror the short side out)")
     parser.add_argument("--mask_dir", type=str, default=None, help="ground-truth masks: <id>.png or <id>_segmentation.png")
     parser.add_argument("--mask_method", choices=["lesion", "otsu", "canny"], default="lesion",
                         help="how to make masks when --mask_dir is not given")
@@ -786,7 +825,8 @@ def _prepare(args, data_dir, stage):
         if failed.is_set():  # a write already failed: the run is lost, stop spending time on it
             return stem, ("aborted", "", [])
         try:
-            return stem, process_pair(images[stem], masks.get(stem), stage / "all", args.img_size, args.mask_method)
+            return stem, process_pair(images[stem], masks.get(stem), stage / "all", args.img_size, args.mask_method,
+                                      args.resize)
         except BaseException:
             failed.set()
             raise

@@ -4,6 +4,7 @@ generate.py (its render()) is written alongside; these tests substitute a stand-
 contract, and one test runs the real one when it exists.
 """
 
+import argparse
 import csv
 import json
 import math
@@ -237,7 +238,7 @@ def test_downstream_with_generator_balances_minority_classes(tmp_path, calls):
     out = tmp_path / "out"
     result = evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent)))
     j = json.loads((out / "downstream.json").read_text())
-    assert set(j["settings"]) == {"real_only", "real_plus_synthetic"}
+    assert list(j["settings"]) == ["real_only", "real_plus_synthetic", "synthetic_only"]
     wanted = {"nevus": 0, "melanoma": 3, "bkl": 4}  # every class up to the largest (6)
     assert j["synthetic_requested_per_class"] == wanted
     assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == wanted
@@ -249,13 +250,23 @@ def test_downstream_with_generator_balances_minority_classes(tmp_path, calls):
         ba = j["settings"][s]["balanced_accuracy"]
         assert 0 <= ba["mean"] <= 1 and len(ba["values"]) == 1 and ba["std"] is None
         assert set(j["settings"][s]["recall"]) == set(classes)
+    # CAS: a synthetic twin of the real train split, class by class, and no real image
+    cas = j["settings"]["synthetic_only"]
+    assert cas["n_synthetic_per_class"] == TRAIN and cas["n_real"] == 0
+    assert len(cas["balanced_accuracy"]["values"]) == 1
+    assert set(j["gain_over_real_only"]) == {"real_plus_synthetic", "synthetic_only"}
+    gain = j["gain_over_real_only"]["synthetic_only"]["balanced_accuracy"]["values"][0]
+    assert gain == pytest.approx(cas["balanced_accuracy"]["values"][0] - j["settings"]["real_only"]["balanced_accuracy"]["values"][0])
+    assert j["steps"] == 2 * 2  # 2 passes over 11 real images in batches of 8, for every setting alike
     assert j["positive_class"] == "melanoma" and j["n_test"] == sum(TEST.values())
-    # each class's renders used that class's index (and, through generate.class_images, jittered masks of that class)
+    # one pool of renders per class, as large as the larger use (top-up or twin); each class's renders used
+    # that class's index (and, through generate.class_images, jittered masks of that class)
+    pool = {c: max(wanted[c], TRAIN[c]) for c in classes}
     rendered = [c for c in calls if c["stochastic"]]
-    assert sorted(len(c["masks"]) for c in rendered) == [3, 4]
+    assert sorted(len(c["masks"]) for c in rendered) == sorted(pool.values())
     for call in rendered:
         (cls_index,) = set(call["labels"].tolist())
-        assert wanted[classes[cls_index]] == len(call["masks"])
+        assert pool[classes[cls_index]] == len(call["masks"])
     assert_nonblank_png(out / "downstream.png")
     assert result["classes"] == classes
 
@@ -282,6 +293,81 @@ def test_downstream_with_synthetic_dir_and_minority_to(tmp_path):
     assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == wanted
     assert sorted(j["minority_classes"]) == ["bkl", "melanoma"]
     assert j["synthetic_source"].startswith("directory")
+    # CAS takes up to each class's real count from the folder: nevus has only 2 there
+    assert j["settings"]["synthetic_only"]["n_synthetic_per_class"] == {"nevus": 2, "melanoma": 3, "bkl": 2}
+
+
+def test_downstream_settings_choose_what_trains_and_what_is_rendered(tmp_path, calls):
+    data = make_data(tmp_path / "data")
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=sorted(TRAIN))
+    out = tmp_path / "out"
+    j = evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings",
+                                      "real_plus_synthetic,real_only"))
+    assert list(j["settings"]) == ["real_only", "real_plus_synthetic"]
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == [3, 4]  # the top-up only: no twin for CAS
+    calls.clear()
+    j = evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "real_plus_twin"))
+    twin = j["settings"]["real_plus_twin"]  # every class gets as many renders as it has real images
+    assert twin["n_synthetic_per_class"] == TRAIN and twin["n_real_per_class"] == TRAIN
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == sorted(TRAIN.values())
+    assert j["gain_over_real_only"] == {}  # nothing to pair with
+    with pytest.raises(SystemExit):
+        evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "real_only,cas"))
+    with pytest.raises(SystemExit):  # rejection ranks renders with the real-only classifier
+        evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "synthetic_only",
+                                      "--reject", "0.5"))
+
+
+def test_downstream_reject_renders_more_and_keeps_the_wanted_count(tmp_path, calls):
+    data = make_data(tmp_path / "data")
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=sorted(TRAIN))
+    out = tmp_path / "out"
+    j = evaluate.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings",
+                                      "real_only,real_plus_synthetic", "--reject", "0.5"))
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == [6, 8]  # twice the top-up of 3 and 4
+    assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == {"nevus": 0, "melanoma": 3, "bkl": 4}
+    assert j["reject"] == 0.5
+
+
+class FixedScores(nn.Module):
+    """A 'classifier' whose class-1 probability grows with the image's mean brightness."""
+
+    def forward(self, x):
+        b = x.mean((1, 2, 3))
+        return torch.stack([-b, b, torch.zeros_like(b)], 1) * 10
+
+
+def test_ranked_by_plausibility_orders_renders_by_their_class_probability():
+    levels = torch.tensor([40, 200, 120, 10], dtype=torch.uint8)
+    images = levels.view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    args = argparse.Namespace(device="cpu", batch_size=3, amp=False)
+    ranked = evaluate.ranked_by_plausibility(FixedScores(), images, 1, args)
+    assert ranked[:, 0, 0, 0].tolist() == [200, 120, 40, 10]
+    ranked = evaluate.ranked_by_plausibility(FixedScores(), images, 0, args)
+    assert ranked[:, 0, 0, 0].tolist() == [10, 40, 120, 200]
+
+
+class StepCounter:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k=1):
+        self.n += k
+
+
+@pytest.mark.parametrize("n_images", [5, 40])
+def test_train_classifier_takes_exactly_the_given_steps_whatever_the_set_size(n_images):
+    images = torch.randint(0, 255, (n_images, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(n_images) % 2
+    args = argparse.Namespace(device="cpu", batch_size=4, amp=False, classifier="small", optimizer="adam", lr=1e-3,
+                              weight_decay=0.0)
+    counter = StepCounter()
+    model, loss = evaluate.train_classifier(images, labels, 2, args, seed=0, steps=7, bar=counter)
+    assert counter.n == 7 and math.isfinite(loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    model2, _ = evaluate.train_classifier(images, labels, 2, args, seed=1, steps=3, bar=counter, model=model)
+    assert model2 is model and counter.n == 10  # fine-tuning continues the given network
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_classification_metrics_known_answers():

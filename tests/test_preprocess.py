@@ -445,3 +445,61 @@ def test_demo_dataset(tmp_path):
     a = (data / "demo_source" / "images" / "demo_0000.jpg").read_bytes()
     preprocess.make_demo_dataset(tmp_path / "again", 12, 3)
     assert (tmp_path / "again" / "images" / "demo_0000.jpg").read_bytes() == a
+
+
+# -----------------------------------------------------------------------------
+# --resize: how a non-square photo becomes square
+
+def lesion_extent(mask):
+    """(height, width) of the lesion's bounding box."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def circle_photo(w=120, h=60, cx=None, r=20):
+    """A round lesion on a wide photo; the skin gets a left-to-right gradient so crops can be located."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    cx = w / 2 if cx is None else cx
+    m = (xx - cx) ** 2 + (yy - h / 2) ** 2 < r ** 2
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = (xx * 255 // (w - 1)).astype(np.uint8)
+    img[..., 1] = 170
+    img[m] = (60, 30, 20)
+    return img, m
+
+
+@pytest.mark.parametrize("mode", ["squash", "crop", "pad"])
+def test_resize_modes_keep_or_squash_the_lesion_shape(tmp_path, mode):
+    src, masks = tmp_path / "src", tmp_path / "gt"
+    src.mkdir(), masks.mkdir()
+    img, m = circle_photo(cx=90)  # off centre: a centred crop would cut it
+    for stem in ("a", "b"):  # a split needs two images
+        Image.fromarray(img).save(src / f"{stem}.png")
+        Image.fromarray((m * 255).astype(np.uint8)).save(masks / f"{stem}.png")
+    data = tmp_path / "data"
+    run(["--source_dir", src, "--mask_dir", masks, "--data_dir", data, "--img_size", 64, "--test_split", 0.5,
+         "--resize", mode])
+    split = "train" if (data / "train" / "masks" / "a.png").exists() else "test"
+    out = np.array(Image.open(data / split / "masks" / "a.png")) > 127
+    # pad mirrors 30 rows above and below the 60 photo rows (16 of 64 after the resize), lesion and all
+    h, w = lesion_extent(out[16:48] if mode == "pad" else out)
+    if mode == "squash":  # 120x60 -> 64x64: the circle becomes twice as tall as wide
+        assert h / w == pytest.approx(2, rel=0.15)
+    else:  # a circle stays a circle
+        assert h / w == pytest.approx(1, rel=0.1)
+    if mode == "crop":  # the whole lesion is inside the 60x60 crop, and scaled by 64/60
+        assert out.sum() == pytest.approx(m.sum() * (64 / 60) ** 2, rel=0.1)
+    if mode == "pad":  # all 120 columns kept: the lesion spans 40/120 of the width
+        assert w == pytest.approx(64 * 40 / 120, abs=2)
+        rgb = np.array(Image.open(data / split / "originals" / "a.png"))
+        assert dice(rgb[..., 1] < 100, out) > 0.9  # the mirrored band: image and mask still agree
+        assert (rgb[~out, 1] > 150).mean() > 0.95  # skin everywhere else (bar the resized edge): no black bars
+
+
+def test_resize_crop_keeps_the_most_lesion_and_says_what_it_cut(tmp_path):
+    img, m = circle_photo(w=200, h=40, cx=100, r=18)
+    m[:, 20:180] |= np.abs(np.mgrid[0:40, 0:200][0][:, 20:180] - 20) < 3  # a lesion wider than any square crop
+    rgb, mask, lost = preprocess.to_square(img, (m * 255).astype(np.uint8), "crop")
+    assert rgb.shape[:2] == mask.shape == (40, 40)
+    assert lost == int(m.sum() - (mask > 127).sum()) > 0
+    assert (mask > 127).sum() >= max((m[:, s:s + 40]).sum() for s in range(161))  # the window holding the most lesion
