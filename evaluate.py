@@ -526,10 +526,12 @@ def evaluate_downstream(args):
         pool, source = synthesize(model_path, args.data_dir, classes, pool_size, args), f"generator {model_path}"
     else:
         raise SystemExit("--downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
-    for s in twin_settings:
-        lacking = [c for c in present if not len(pool.get(c, ()))]
-        if s in settings and lacking:
-            raise SystemExit(f"--settings {s} needs synthetic images of every class; none of {', '.join(lacking)}")
+    pool = {c: pool.get(c, x_real[:0]) for c in present}  # a class nothing was rendered for: no images
+    lacking = [c for c in present if not len(pool[c])]
+    needs_every_class = [s for s in settings if s in twin_settings]
+    if needs_every_class and lacking:
+        raise SystemExit(f"--settings {needs_every_class[0]} needs synthetic images of every class; "
+                         f"none of {', '.join(lacking)}")
 
     steps = args.epochs * math.ceil(len(y_real) / min(args.batch_size, len(y_real)))
     seeds = [args.seed + i for i in range(args.seeds)]
@@ -538,7 +540,7 @@ def evaluate_downstream(args):
     bar = tqdm(total=len(seeds) * len(settings) * steps, desc="classifiers", unit="step", disable=None, smoothing=0.05)
     training_started, done = time.time(), 0
     for seed in seeds:
-        ranked = {c: pool.get(c, x_real[:0]) for c in present}
+        ranked = pool
         for s in settings:
             if s == "real_only":
                 x, y = x_real, y_real
@@ -560,7 +562,7 @@ def evaluate_downstream(args):
                 model, loss = train_classifier(x, y, len(classes), args, seed, steps, bar)
             if s == "real_only" and args.reject:  # this seed's real-only classifier drops the least plausible renders
                 ranked = {c: ranked_by_plausibility(model, pool[c], classes.index(c), args)[:wanted[c]]
-                          if len(pool.get(c, ())) else pool.get(c, x_real[:0]) for c in present}
+                          if len(pool[c]) else pool[c] for c in present}
             runs[s].append(classification_metrics(predict_proba(model, x_test, args), y_test, classes, pos))
             r = runs[s][-1]
             done += steps
