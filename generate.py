@@ -4,23 +4,28 @@
     python generate.py --model_path pixelgan_models/<TIMESTAMP>/generator_epoch_135.pth --input_dir data/test
     python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --class melanoma --num_images 500
     python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --balance
+    python generate.py --model_folder pretrained/isic2017_128 --input_dir <masks> --style_image <lesion photo or folder>
 
 Plain mode writes gen_only_<name>.png and generated_<name>.png (mask / generated / real) per mask;
 past the number of masks it renders new variations. --class and --balance write
 <output_dir>/<class>/gen_<n>.png and <output_dir>/labels.csv for classifier pipelines.
+A model with a style code (train.py --noise_dim 8 --style_encoder) gives each image the look of a
+training image of the same class, or with --style_image the look of the given photograph(s).
 """
 import argparse
 import csv
 import os
 import sys
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import models
 from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, check_device, check_name, check_ranges,
-                     read_labels, run_cli, save_image_grid, save_png, to_model_range, to_uint8, write_csv)
+                     list_images, read_image, read_labels, run_cli, save_image_grid, save_png, to_model_range, to_uint8,
+                     write_csv)
 from train import autocast, autocast_dtype
 
 LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
@@ -49,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--labels", default=None,
                    help="labels file, image_id,label[,split] (default: labels.csv beside --input_dir, from preprocess.py)")
     p.add_argument("--overwrite", action="store_true", help="replace files of an earlier run in --output_dir (else refused)")
+    p.add_argument("--style_image", default=None,
+                   help="a lesion photograph, or a folder of them taken in turn: render with its look (skin tone, "
+                        "illumination, pigment); needs a model with a style code")
     args = p.parse_args(argv)
     check_ranges(args, LIMITS)
     if args.class_name is not None:
@@ -78,10 +86,12 @@ def jitter_masks(masks_uint8, seed):
 
 
 @torch.inference_mode()
-def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0):
+def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
+           styles=None):
     """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
     dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
-    a style code draws one per image in either mode (seeded): a stored training style, or N(0, I)."""
+    a style code takes styles (N x noise_dim) if given, else draws one per image in either mode
+    (seeded): a stored training style of the image's class, or N(0, I)."""
     device = torch.device(device)
     # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
     generator = generator.to(device, memory_format=torch.channels_last).eval()
@@ -97,9 +107,25 @@ def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size
         planes = None
         if config["n_classes"]:
             planes = models.class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
+        z = styles[start:start + batch_size].to(device) if styles is not None else None
         with autocast(device, dtype):
-            outputs.append(to_uint8(generator(masks, planes)))
+            outputs.append(to_uint8(generator(masks, planes, z)))
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def style_codes(encoder, config, path):
+    """The style codes (means) of a lesion photograph, or of every image in a folder, in name order."""
+    if os.path.isdir(path):
+        paths = list(list_images(path).values())
+        if not paths:
+            raise UsageError(f"--style_image {path}: no images in this folder")
+    elif os.path.isfile(path):
+        paths = [path]
+    else:
+        raise UsageError(f"--style_image {path}: no such file or folder")
+    images = torch.from_numpy(np.stack([read_image(p, config["img_size"]) for p in paths]))
+    return torch.cat([encoder(to_model_range(images[i:i + 64], "cpu"))[0] for i in range(0, len(images), 64)])
 
 
 def checkpoint_path(args):
@@ -108,6 +134,7 @@ def checkpoint_path(args):
 
 
 def load_model(args):
+    """(generator, config, style codes of --style_image or None)"""
     path = checkpoint_path(args)
     generator, config, ckpt = models.load_generator(path)
     if args.img_size is not None and args.img_size != config["img_size"]:
@@ -115,18 +142,30 @@ def load_model(args):
                                      f"but --img_size {args.img_size} was given")
     print(f"loaded {path} (epoch {ckpt.get('epoch', '?')}, {config['img_size']}x{config['img_size']}, "
           f"{'classes ' + ', '.join(config['classes']) if config['n_classes'] else 'unconditional'})")
-    return generator, config
+    styles = None
+    if args.style_image is not None:
+        encoder = models.load_style_encoder(ckpt, config, path)
+        if encoder is None:
+            raise UsageError(f"--style_image: {path} has no style encoder (train with --noise_dim 8 --style_encoder)")
+        styles = style_codes(encoder, config, args.style_image)
+    return generator, config, styles
+
+
+def cycled(styles, start, count):
+    """count style codes taken in turn from the --style_image codes, the first for image number start."""
+    return None if styles is None else styles[torch.arange(start, start + count) % len(styles)]
 
 
 def class_index(config, name):
     return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
 
 
-def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0):
+def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0,
+                 styles=None):
     """count images of one class (uint8) from jittered masks of that class through the stochastic
     generator, cycling through the shuffled masks so each is used about equally often. A conditional
     model may draw on every mask when the class has none. Distinct by construction: each image gets its
-    own mask jitter and dropout draw."""
+    own mask jitter and dropout draw (and style draw, unless styles are given)."""
     pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
     if config["n_classes"] and class_name not in config["classes"]:
         raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
@@ -139,7 +178,7 @@ def class_images(generator, config, dataset, labels, class_name, count, device="
     masks = jitter_masks(dataset.masks[picks], seed)
     class_labels = class_index(config, class_name).repeat(count)
     return render(generator, config, masks, class_labels, device=device, batch_size=batch_size, amp=amp,
-                  stochastic=True, seed=seed)
+                  stochastic=True, seed=seed, styles=styles)
 
 
 def balance_plan(dataset, labels):
@@ -204,7 +243,7 @@ def main(argv=None):
     if args.labels and not os.path.isfile(args.labels):
         raise UsageError(f"--labels {args.labels}: no such file")
     labels = read_labels(labels_path)
-    generator, config = load_model(args)
+    generator, config, styles = load_model(args)
     dataset = PairedDataset(input_dir, config["img_size"], labels=labels, classes=config["classes"], num_workers=args.num_workers)
 
     if args.class_name or args.balance:
@@ -223,8 +262,10 @@ def main(argv=None):
             os.makedirs(folder, exist_ok=True)
             # in chunks: --num_images is bounded by disk space, not by memory
             for start in range(0, count, CLASS_CHUNK):
-                images = class_images(generator, config, dataset, labels, class_name, min(CLASS_CHUNK, count - start),
-                                      args.device, args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start)
+                chunk = min(CLASS_CHUNK, count - start)
+                images = class_images(generator, config, dataset, labels, class_name, chunk, args.device,
+                                      args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
+                                      styles=cycled(styles, start, chunk))
                 for k, image in enumerate(images):
                     save_png(image, os.path.join(folder, f"gen_{first + start + k}.png"))
             print(f"{class_name}: {count} images -> {folder}")
@@ -246,14 +287,15 @@ def main(argv=None):
                          "replaced); choose another --output_dir, or pass --overwrite")
     os.makedirs(args.output_dir, exist_ok=True)
     if config["n_classes"] and (dataset.labels < 0).any():
-        print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]}", file=sys.stderr)
+        print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]} "
+              "(--labels FILE gives each mask its class)", file=sys.stderr)
     mask_labels = dataset.labels.clamp(min=0)
     written = 0
     for round_index in range((total + n_masks - 1) // n_masks):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
         fakes = render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
-                       stochastic=round_index > 0, seed=args.seed + round_index)
+                       stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
             save_png(fakes[k], os.path.join(args.output_dir, f"gen_only_{name}.png"))

@@ -161,6 +161,9 @@ class Generator(nn.Module):
             # Filled by train.py with the encoded styles of training images; sampling draws rows of it,
             # so every render gets the look of a real image rather than of an arbitrary point in z-space.
             self.register_buffer("style_bank", torch.zeros(c["style_bank_size"], c["noise_dim"]))
+            # The class of each row's image (-1: unknown), so a melanoma gets a melanoma's look. Not in the
+            # state dict, which keeps older checkpoints loadable: checkpoints carry it as "style_labels".
+            self.register_buffer("style_labels", torch.full((c["style_bank_size"],), -1), persistent=False)
         self.ups = nn.ModuleList()
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.noise_dim if i == levels - 1 else 2 * widths[i]
@@ -177,16 +180,23 @@ class Generator(nn.Module):
         skips.pop()  # the bottleneck feeds the first up level directly
         if self.noise_dim:
             if z is None:
-                z = self.sample_styles(x.shape[0], x.device)
+                labels = class_planes[:, :, 0, 0].argmax(1) if class_planes is not None else None
+                z = self.sample_styles(x.shape[0], x.device, labels)
             x = torch.cat([x, z.to(x.dtype).view(x.shape[0], self.noise_dim, 1, 1).expand(-1, -1, *x.shape[2:])], 1)
         for up in self.ups:
             x = torch.cat([up(x), skips.pop()], 1)
         return self.out(x)
 
-    def sample_styles(self, n, device):
-        if hasattr(self, "style_bank"):
+    def sample_styles(self, n, device, labels=None):
+        """n style codes: rows of the style bank (from rows of each image's class where the bank knows
+        them, from all rows for a class it has none of), or N(0, I) without a bank."""
+        if not hasattr(self, "style_bank"):
+            return torch.randn(n, self.noise_dim, device=device)
+        if labels is None or bool((self.style_labels < 0).all()):
             return self.style_bank[torch.randint(0, self.style_bank.shape[0], (n,), device=device)]
-        return torch.randn(n, self.noise_dim, device=device)
+        same_class = (labels.to(device)[:, None] == self.style_labels[None, :]).float()
+        same_class[same_class.sum(1) == 0] = 1.0
+        return self.style_bank[torch.multinomial(same_class, 1).squeeze(1)]
 
 
 class StyleEncoder(nn.Module):
@@ -619,7 +629,34 @@ def load_generator(path, map_location="cpu"):
         generator.load_state_dict(ckpt["generator"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the architecture in its config ({str(e).splitlines()[0]})") from None
+    style_labels = ckpt.get("style_labels")
+    if config["style_encoder"] and style_labels is not None:
+        if not (isinstance(style_labels, torch.Tensor) and style_labels.shape == generator.style_labels.shape
+                and not style_labels.is_floating_point() and bool(((style_labels >= -1) & (style_labels < max(1, config["n_classes"]))).all())):
+            raise CheckpointError(f"{path}: style_labels must be {config['style_bank_size']} class indices")
+        generator.style_labels.copy_(style_labels)
     return generator, config, ckpt
+
+
+def load_style_encoder(ckpt, config, path):
+    """The style encoder saved beside a generator (train.py --style_encoder), or None."""
+    if not config["style_encoder"] or ckpt.get("style_encoder") is None:
+        return None
+    check_weights(StyleEncoder, config, ckpt["style_encoder"], path, "style encoder")
+    encoder = StyleEncoder(config)
+    encoder.load_state_dict(ckpt["style_encoder"])
+    return encoder.eval()
+
+
+def export_generator(src, dst, dtype=torch.float16):
+    """Copy a generator checkpoint (with its style encoder and style labels) to dst with floating-point
+    tensors stored in dtype: half the size for a shipped model. Loading casts them back to fp32."""
+    ckpt = load_checkpoint(src)
+    load_generator(src)  # refuse anything that would not load
+    compact = {k: {n: t.to(dtype) if t.is_floating_point() else t for n, t in v.items()}
+               if k in ("generator", "style_encoder") and v is not None else v for k, v in ckpt.items()}
+    save_atomic(compact, dst)
+    return dst
 
 
 def epoch_checkpoints(folder, kind="generator"):

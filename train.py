@@ -340,13 +340,15 @@ def sampling_generator(t):
 
 
 @torch.no_grad()
-def refresh_style_bank(t, images_uint8, batch_size=64):
+def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
     """Fill the generator's style bank with the style codes (means) of training images, evenly spread
-    over the split and repeated when it has fewer images than the bank has rows."""
+    over the split and repeated when it has fewer images than the bank has rows. With class labels the
+    generator's style_labels keep each row's class, so a melanoma is rendered with a melanoma's look."""
     if t.E is None:
         return
-    bank = sampling_generator(t).style_bank
-    index = torch.arange(bank.shape[0]) * len(images_uint8) // bank.shape[0]
+    bank_size = t.G.style_bank.shape[0]
+    index = torch.arange(bank_size) * len(images_uint8) // bank_size
+    row_labels = labels[index] if labels is not None and t.config["n_classes"] else torch.full((len(index),), -1)
     was_training = t.E.training
     t.E.eval()
     codes = []
@@ -355,9 +357,9 @@ def refresh_style_bank(t, images_uint8, batch_size=64):
         with autocast(t.device, t.dtype):
             codes.append(t.E(images)[0])
     t.E.train(was_training)
-    bank.copy_(torch.cat(codes))
-    if t.G.style_bank is not bank:
-        t.G.style_bank.copy_(bank)
+    for G in {id(t.G): t.G, id(sampling_generator(t)): sampling_generator(t)}.values():
+        G.style_bank.copy_(torch.cat(codes))
+        G.style_labels.copy_(row_labels)
 
 
 @torch.inference_mode()
@@ -398,16 +400,19 @@ def rng_state(device):
 
 def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files):
     sample_G = sampling_generator(t)
+    # The style encoder travels with the generator (generate.py --style_image), and so does the class of
+    # each style-bank row (looks drawn from the rendered class only).
+    style = {"style_encoder": t.E.state_dict() if t.E is not None else None,
+             "style_labels": sample_G.style_labels if t.E is not None else None}
     if epoch_files:
-        models.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict()},
-                           os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
+        models.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict(),
+                            **style}, os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
         models.save_atomic({"kind": "discriminator", "config": config, "epoch": epoch, "discriminator": t.D.state_dict()},
                            os.path.join(model_dir, f"discriminator_epoch_{epoch}.pth"))
     models.save_atomic({
         "kind": "training_state", "config": config, "epoch": epoch, "step": t.step, "args": vars(args),
         "generator": sample_G.state_dict(), "generator_train": t.G.state_dict(), "discriminator": t.D.state_dict(),
-        "style_encoder": t.E.state_dict() if t.E is not None else None,
-        "ema": t.ema.state_dict() if t.ema is not None else None,
+        **style, "ema": t.ema.state_dict() if t.ema is not None else None,
         "opt_G": t.opt_G.state_dict(), "opt_D": t.opt_D.state_dict(), "scaler": t.scaler.state_dict(),
         "sched_G": schedulers[0].state_dict(), "sched_D": schedulers[1].state_dict(), "rng": rng_state(t.device),
     }, os.path.join(model_dir, "last.pth"))
@@ -726,7 +731,7 @@ def main(argv=None):
             evaluating = test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
             saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
             if evaluating or saving:
-                refresh_style_bank(t, train_set.images)
+                refresh_style_bank(t, train_set.images, train_set.labels)
             row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
                    **{k: (v / max(n_steps, 1)).item() for k, v in sums.items()}}
             if evaluating:

@@ -72,8 +72,9 @@ def make_checkpoint(folder, epoch=3, **config_overrides):
     return path
 
 
-def standin_render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0):
-    """What generate.render promises: uint8 renders, dropout on only when stochastic, seeded."""
+def standin_render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
+                   styles=None):
+    """What generate.render promises: uint8 renders, dropout on only when stochastic, seeded, given styles."""
     generator = generator.to(device).eval()
     for m in generator.modules():
         if isinstance(m, nn.Dropout):
@@ -86,7 +87,8 @@ def standin_render(generator, config, masks_uint8, labels=None, device="cpu", ba
             planes = None
             if config.get("n_classes", 0) > 0:
                 planes = models.class_planes(labels[i:i + batch_size].to(device), config["n_classes"], m.shape[-1])
-            out.append(((generator(m, planes) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+            z = styles[i:i + batch_size].to(device) if styles is not None else None
+            out.append(((generator(m, planes, z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)
 
 

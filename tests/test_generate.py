@@ -5,11 +5,13 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import generate
 import models
 import train
 from conftest import TINY_MODEL
+from dataset import PairedDataset, read_labels
 
 
 @pytest.fixture
@@ -105,3 +107,92 @@ def test_balance_tops_up_every_class_to_the_largest(tiny_data, run_dirs, tmp_pat
     assert counts == {"b": 3, "c": 4}
     with open(out / "labels.csv") as f:
         assert len(list(csv.DictReader(f))) == 7
+
+
+@pytest.fixture
+def style_model(tiny_data, run_dirs):
+    return train.main(["--data_dir", tiny_data, *TINY_MODEL, *run_dirs, "--batch_size", "4", "--n_epochs", "1",
+                       "--conditional", "--noise_dim", "4", "--style_encoder", "--run_name", "style"])
+
+
+def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(style_model, tiny_data):
+    path = os.path.join(style_model, "generator_epoch_1.pth")
+    generator, config, ckpt = models.load_generator(path)
+    assert models.load_style_encoder(ckpt, config, path) is not None  # saved beside the generator
+    train_set = PairedDataset(os.path.join(tiny_data, "train"), 32, labels=read_labels(tiny_data), classes=config["classes"])
+    bank, bank_labels = generator.style_bank, generator.style_labels
+    rows = torch.arange(len(bank)) * len(train_set) // len(bank)
+    assert torch.equal(bank_labels, train_set.labels[rows]) and set(bank_labels.tolist()) == {0, 1}
+    generator.eval()
+    masks = torch.zeros(40, 1, 32, 32)
+    for c in (0, 1):
+        labels = torch.full((40,), c)
+        torch.manual_seed(3)
+        drawn = generator.sample_styles(40, "cpu", labels)
+        # every code drawn is a bank row of that class (codes of the two classes differ after training)
+        matches = (drawn[:, None, :] == bank[None]).all(-1)
+        assert matches.any(1).all() and bank_labels[matches.any(0)].eq(c).all()
+        # and forward draws the same way from the class planes it is given
+        planes = models.class_planes(labels, 2, 32)
+        torch.manual_seed(3)
+        implicit = generator(masks, planes)
+        assert torch.equal(implicit, generator(masks, planes, drawn))
+
+
+def test_style_image_renders_with_the_codes_of_the_given_photos_in_turn(style_model, tiny_data, tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name, colour in (("a_pale.png", (200, 180, 230)), ("b_dark.png", (40, 60, 90))):
+        cv2.imwrite(str(refs / name), np.full((50, 60, 3), colour, np.uint8))
+    path = os.path.join(style_model, "generator_epoch_1.pth")
+    generator, config, ckpt = models.load_generator(path)
+    codes = generate.style_codes(models.load_style_encoder(ckpt, config, path), config, str(refs))
+    assert codes.shape == (2, 4) and not torch.equal(codes[0], codes[1])
+    test_dir = os.path.join(tiny_data, "test")
+    out = tmp_path / "styled"
+    generate.main(["--model_folder", style_model, "--input_dir", test_dir, "--style_image", str(refs),
+                   "--output_dir", str(out)])
+    dataset = PairedDataset(test_dir, 32, labels=read_labels(tiny_data), classes=config["classes"])
+    expected = generate.render(generator, config, dataset.masks, dataset.labels, styles=codes[[0, 1, 0, 1]])
+    for k, name in enumerate(dataset.names):
+        written = cv2.cvtColor(read_png(out / f"gen_only_{name}.png"), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(written, expected[k].permute(1, 2, 0).numpy())
+    with pytest.raises(ValueError, match="no such file or folder"):
+        generate.main(["--model_folder", style_model, "--input_dir", test_dir, "--style_image", str(tmp_path / "nope"),
+                       "--output_dir", str(tmp_path / "x")])
+
+
+def test_style_image_needs_a_model_with_a_style_encoder(trained, tiny_data, tmp_path):
+    ref = tmp_path / "ref.png"
+    cv2.imwrite(str(ref), np.full((40, 40, 3), 128, np.uint8))
+    with pytest.raises(ValueError, match="has no style encoder"):
+        generate.main(["--model_folder", trained, "--input_dir", os.path.join(tiny_data, "test"),
+                       "--style_image", str(ref), "--output_dir", str(tmp_path / "x")])
+
+
+def test_half_precision_export_is_smaller_and_renders_alike(style_model, tiny_data, tmp_path):
+    src = os.path.join(style_model, "generator_epoch_1.pth")
+    dst = str(tmp_path / "generator_epoch_1.pth")
+    models.export_generator(src, dst)
+    assert os.path.getsize(dst) < 0.6 * os.path.getsize(src)
+    stored = torch.load(dst, weights_only=True)
+    assert stored["generator"]["out.0.weight"].dtype == torch.float16 and stored["style_labels"].dtype == torch.long
+    (full, config, _), (half, _, ckpt) = models.load_generator(src), models.load_generator(dst)
+    assert next(half.parameters()).dtype == torch.float32 and torch.equal(half.style_labels, full.style_labels)
+    assert models.load_style_encoder(ckpt, config, dst) is not None
+    dataset = PairedDataset(os.path.join(tiny_data, "test"), 32, labels=read_labels(tiny_data), classes=config["classes"])
+    a, b = (generate.render(g, config, dataset.masks, dataset.labels, seed=1) for g in (full, half))
+    assert (a.int() - b.int()).abs().max() <= 2
+
+
+def test_crafted_style_entries_are_refused_with_the_file_named(style_model, tmp_path):
+    ckpt = torch.load(os.path.join(style_model, "generator_epoch_1.pth"), weights_only=True)
+    bad_labels = tmp_path / "generator_epoch_1.pth"
+    torch.save({**ckpt, "style_labels": torch.full_like(ckpt["style_labels"], 7)}, bad_labels)
+    with pytest.raises(models.CheckpointError, match=f"{bad_labels}: style_labels"):
+        models.load_generator(str(bad_labels))
+    bad_encoder = tmp_path / "generator_epoch_2.pth"
+    torch.save({**ckpt, "style_encoder": {"head.weight": torch.zeros(3, 3)}}, bad_encoder)
+    _, config, loaded = models.load_generator(str(bad_encoder))
+    with pytest.raises(models.CheckpointError, match="style encoder weights do not match"):
+        models.load_style_encoder(loaded, config, str(bad_encoder))
