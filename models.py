@@ -651,8 +651,7 @@ def load_style_encoder(ckpt, config, path):
 def export_generator(src, dst, dtype=torch.float16):
     """Copy a generator checkpoint (with its style encoder and style labels) to dst with floating-point
     tensors stored in dtype: half the size for a shipped model. Loading casts them back to fp32."""
-    ckpt = load_checkpoint(src)
-    load_generator(src)  # refuse anything that would not load
+    _, _, ckpt = load_generator(src)  # refuses anything that would not load
     compact = {k: {n: t.to(dtype) if t.is_floating_point() else t for n, t in v.items()}
                if k in ("generator", "style_encoder") and v is not None else v for k, v in ckpt.items()}
     save_atomic(compact, dst)

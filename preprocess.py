@@ -538,18 +538,18 @@ def to_square(rgb, mask, mode):
     side = min(h, w)
     if mode == "crop":
         lesion = mask > 127
-        profile = lesion.any(1) if h > w else lesion.any(0)  # along the long axis
+        profile = lesion.sum(1 if h > w else 0)  # lesion pixels along the long axis
         where = np.flatnonzero(profile)
         long = max(h, w)
         if where.size:
             lo, hi = int(where[0]), int(where[-1]) + 1
             centre = (lo + hi) // 2 if hi - lo <= side else int(np.argmax(np.convolve(  # the window holding most lesion
-                lesion.sum(1 if h > w else 0), np.ones(side), mode="valid"))) + side // 2
+                profile, np.ones(side), mode="valid"))) + side // 2
         else:
             centre = long // 2
         start = min(max(centre - side // 2, 0), long - side)
         crop = (slice(start, start + side), slice(None)) if h > w else (slice(None), slice(start, start + side))
-        lost = int((mask > 127).sum() - (mask[crop] > 127).sum())
+        lost = int(lesion.sum() - lesion[crop].sum())
         return np.ascontiguousarray(rgb[crop]), np.ascontiguousarray(mask[crop]), lost
     extra = abs(h - w)
     before, after = extra // 2, extra - extra // 2

@@ -357,8 +357,9 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
         with autocast(t.device, t.dtype):
             codes.append(t.E(images)[0])
     t.E.train(was_training)
-    for G in {id(t.G): t.G, id(sampling_generator(t)): sampling_generator(t)}.values():
-        G.style_bank.copy_(torch.cat(codes))
+    codes = torch.cat(codes)
+    for G in {t.G, sampling_generator(t)}:  # the trained generator and its EMA copy, if any
+        G.style_bank.copy_(codes)
         G.style_labels.copy_(row_labels)
 
 
