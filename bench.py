@@ -1,4 +1,4 @@
-"""Benchmark the real training step (train.train_step) and generation path (generate.render).
+"""Benchmark the real training step (train.train_step) and generation path (models.render).
 
     python bench.py --amp                         # default 128x128 model, batch 8, on this machine
     python bench.py --compare                     # reference pix2pix U-Net fp32, original recipe and default --amp
@@ -21,7 +21,6 @@ import torch
 import models
 import train
 from dataset import ArgumentParser, PairedDataset, Range, check_device, check_ranges, run_cli, to_model_range
-from generate import render
 
 
 LIMITS = {"batch_size": Range(1, 4096), "gen_batch_size": Range(1, 4096), "img_size": Range(16, 1024),
@@ -151,7 +150,7 @@ def bench_generate(args, device, trainer, peaks):
     generator = train.sampling_generator(trainer).eval()
     masks_u8, _ = random_batch(batch, args.img_size)
     config = trainer.config
-    seconds = timed(lambda: render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
+    seconds = timed(lambda: models.render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
                     device, args.steps, args.warmup)
     gflop = models.gflops_per_image(generator, to_model_range(masks_u8[:1], device))
     dtype = trainer.dtype or torch.float32

@@ -357,6 +357,26 @@ def paired_augmentation():
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
 
 
+def mask_jitter(img_size):
+    """New lesion shapes from real ones: any rotation, flips, a little scale and shift, and an elastic
+    warp of the outline. tv_tensors.Mask makes v2 use nearest-neighbour, so masks stay binary."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=180, translate=(0.06, 0.06), scale=(0.85, 1.15)),
+        v2.ElasticTransform(alpha=img_size * 0.4, sigma=img_size * 0.06),
+    ])
+
+
+def jitter_masks(masks_uint8, seed):
+    """One jittered copy of each mask (uint8 N x 1 x S x S); an emptied mask falls back to its original."""
+    torch.manual_seed(seed)
+    jitter = mask_jitter(masks_uint8.shape[-1])
+    out = torch.stack([jitter(tv_tensors.Mask(m)).as_subclass(torch.Tensor) for m in masks_uint8])
+    empty = out.flatten(1).amax(1) == 0
+    out[empty] = masks_uint8[empty]
+    return out
+
+
 class PairedDataset(torch.utils.data.Dataset):
     """All pairs of a split decoded once into uint8 tensors at img_size (N x 1 x S x S masks,
     N x 3 x S x S images), so no epoch ever decodes a JPEG or PNG again."""

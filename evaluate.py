@@ -34,8 +34,6 @@ import metrics
 import models
 from dataset import (ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, atomic_path, check_device, check_memory,
                      check_name, check_ranges, read_image, read_labels, run_cli, to_model_range)
-from generate import checkpoint_path, render
-from train import autocast, autocast_dtype
 
 # synthetic_only is CAS (Ravuri & Vinyals 2019): trained on renders alone, tested on real images
 SETTINGS = ("real_only", "real_plus_synthetic", "real_plus_twin", "synthetic_only", "synthetic_then_real")
@@ -65,7 +63,7 @@ def render_in_chunks(generator, config, masks, labels, args, desc):
     out = []
     for start in tqdm(range(0, len(masks), chunk), desc=desc, unit="chunk", disable=None):
         part_labels = labels[start:start + chunk] if labels is not None else None
-        out.append(render(generator, config, masks[start:start + chunk], labels=part_labels, device=args.device,
+        out.append(models.render(generator, config, masks[start:start + chunk], labels=part_labels, device=args.device,
                           batch_size=args.batch_size, amp=args.amp, stochastic=False, seed=args.seed))
     return torch.cat(out)
 
@@ -134,7 +132,7 @@ def diversity_block(generator, config, masks, labels, args):
     if args.n_variations < 2 or n_masks < 1:
         return {"status": "skipped (needs --n_variations >= 2 and at least one mask)"}
     sub_labels = labels[:n_masks] if labels is not None else None
-    variations = [render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
+    variations = [models.render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
                          batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
                   for k in tqdm(range(args.n_variations), desc="diversity", unit="render", disable=None)]
     value, distance = metrics.diversity(to_model_range(torch.stack(variations, 1), "cpu"))
@@ -171,7 +169,7 @@ def print_realism_table(summary):
 
 def evaluate_realism(args):
     t0 = time.time()
-    model_path = checkpoint_path(args)
+    model_path = models.generator_path(args.model_path, args.model_folder)
     generator, config, ckpt = models.load_generator(model_path)
     generator.eval()
     img_size = config["img_size"]
@@ -302,12 +300,12 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
     loader = torch.utils.data.DataLoader(ImageSet(images, labels, classifier_augmentation()), batch_size=batch,
                                          sampler=sampler, drop_last=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    dtype = autocast_dtype(device, args.amp)
+    dtype = models.autocast_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for x, y in loader:
         x, y = to_model_range(x, device, torch.channels_last), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
+        with models.autocast(device, dtype):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -324,11 +322,11 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
 def predict_proba(model, images, args):
     model.eval()
     device = torch.device(args.device)
-    dtype = autocast_dtype(device, args.amp)
+    dtype = models.autocast_dtype(device, args.amp)
     out = []
     for start in range(0, len(images), args.batch_size):
         x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
-        with autocast(device, dtype):
+        with models.autocast(device, dtype):
             out.append(model(x).float().softmax(1).cpu())
     return torch.cat(out)
 
@@ -420,7 +418,6 @@ def read_synthetic_dir(folder, classes, size):
 def synthesize(model_path, data_dir, classes, requested, args):
     """{class: uint8 images}: `requested[class]` renders made exactly as generate.py --class/--balance
     makes them (jittered masks of that class, stochastic generator)."""
-    from generate import class_images
     generator, config, _ = models.load_generator(model_path)
     check_memory(sum(requested.values()) * 3 * max(config["img_size"], args.img_size) ** 2,
                  f"{sum(requested.values())} synthetic images", "lower --minority_to, --reject or --img_size")
@@ -432,7 +429,7 @@ def synthesize(model_path, data_dir, classes, requested, args):
         if n <= 0:
             continue
         try:
-            images = class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
+            images = models.class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
                                   seed=args.seed + k)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
@@ -514,7 +511,7 @@ def evaluate_downstream(args):
               for c in present}
     pool_size = {c: math.ceil(n / (1 - args.reject)) for c, n in wanted.items()}
 
-    model_path = checkpoint_path(args) if args.model_folder or args.model_path else None
+    model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
     if args.synthetic_dir:
         available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
         pool, source = {c: available[c][:pool_size[c]] for c in present}, f"directory {args.synthetic_dir}"

@@ -19,14 +19,11 @@ import sys
 
 import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 import models
 from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, check_device, check_name, check_ranges,
-                     list_images, read_image, read_labels, run_cli, save_image_grid, save_png, to_model_range, to_uint8,
+                     jitter_masks, list_images, read_image, read_labels, run_cli, save_image_grid, save_png, to_model_range,
                      write_csv)
-from train import autocast, autocast_dtype
 
 LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
           "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1)}
@@ -65,54 +62,6 @@ def parse_args(argv=None):
     return args
 
 
-def mask_jitter(img_size):
-    """New lesion shapes from real ones: any rotation, flips, a little scale and shift, and an elastic
-    warp of the outline. tv_tensors.Mask makes v2 use nearest-neighbour, so masks stay binary."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=180, translate=(0.06, 0.06), scale=(0.85, 1.15)),
-        v2.ElasticTransform(alpha=img_size * 0.4, sigma=img_size * 0.06),
-    ])
-
-
-def jitter_masks(masks_uint8, seed):
-    """One jittered copy of each mask (uint8 N x 1 x S x S); an emptied mask falls back to its original."""
-    torch.manual_seed(seed)
-    jitter = mask_jitter(masks_uint8.shape[-1])
-    out = torch.stack([jitter(tv_tensors.Mask(m)).as_subclass(torch.Tensor) for m in masks_uint8])
-    empty = out.flatten(1).amax(1) == 0
-    out[empty] = masks_uint8[empty]
-    return out
-
-
-@torch.inference_mode()
-def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
-           styles=None):
-    """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
-    dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
-    a style code takes styles (N x noise_dim) if given, else draws one per image in either mode
-    (seeded): a stored training style of the image's class, or N(0, I)."""
-    device = torch.device(device)
-    # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
-    generator = generator.to(device, memory_format=torch.channels_last).eval()
-    if stochastic:
-        for m in generator.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.train()
-    dtype = autocast_dtype(device, amp)
-    torch.manual_seed(seed)
-    outputs = []
-    for start in range(0, masks_uint8.shape[0], batch_size):
-        masks = to_model_range(masks_uint8[start:start + batch_size], device, torch.channels_last)
-        planes = None
-        if config["n_classes"]:
-            planes = models.class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
-        z = styles[start:start + batch_size].to(device) if styles is not None else None
-        with autocast(device, dtype):
-            outputs.append(to_uint8(generator(masks, planes, z)))
-    return torch.cat(outputs)
-
-
 @torch.inference_mode()
 def style_codes(encoder, config, path):
     """The style codes (means) of a lesion photograph, or of every image in a folder, in name order."""
@@ -128,14 +77,9 @@ def style_codes(encoder, config, path):
     return torch.cat([encoder(to_model_range(images[i:i + 64], "cpu"))[0] for i in range(0, len(images), 64)])
 
 
-def checkpoint_path(args):
-    """--model_path as given, else the highest generator_epoch_<N>.pth in --model_folder."""
-    return args.model_path or models.latest_generator_path(args.model_folder)
-
-
 def load_model(args):
     """(generator, config, style codes of --style_image or None)"""
-    path = checkpoint_path(args)
+    path = models.generator_path(args.model_path, args.model_folder)
     generator, config, ckpt = models.load_generator(path)
     if args.img_size is not None and args.img_size != config["img_size"]:
         raise models.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
@@ -154,31 +98,6 @@ def load_model(args):
 def cycled(styles, start, count):
     """count style codes taken in turn from the --style_image codes, the first for image number start."""
     return None if styles is None else styles[torch.arange(start, start + count) % len(styles)]
-
-
-def class_index(config, name):
-    return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
-
-
-def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0,
-                 styles=None):
-    """count images of one class (uint8) from jittered masks of that class through the stochastic
-    generator, cycling through the shuffled masks so each is used about equally often. A conditional
-    model may draw on every mask when the class has none. Distinct by construction: each image gets its
-    own mask jitter and dropout draw (and style draw, unless styles are given)."""
-    pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
-    if config["n_classes"] and class_name not in config["classes"]:
-        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
-    if not pool:
-        if not config["n_classes"]:
-            raise ValueError(f"{dataset.folder}: no masks labelled {class_name!r} (and the model is unconditional)")
-        pool = list(range(len(dataset)))
-    order = torch.tensor(pool)[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
-    picks = order.repeat(count // len(pool) + 1)[:count]
-    masks = jitter_masks(dataset.masks[picks], seed)
-    class_labels = class_index(config, class_name).repeat(count)
-    return render(generator, config, masks, class_labels, device=device, batch_size=batch_size, amp=amp,
-                  stochastic=True, seed=seed, styles=styles)
 
 
 def balance_plan(dataset, labels):
@@ -263,7 +182,7 @@ def main(argv=None):
             # in chunks: --num_images is bounded by disk space, not by memory
             for start in range(0, count, CLASS_CHUNK):
                 chunk = min(CLASS_CHUNK, count - start)
-                images = class_images(generator, config, dataset, labels, class_name, chunk, args.device,
+                images = models.class_images(generator, config, dataset, labels, class_name, chunk, args.device,
                                       args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
                                       styles=cycled(styles, start, chunk))
                 for k, image in enumerate(images):
@@ -294,7 +213,7 @@ def main(argv=None):
     for round_index in range((total + n_masks - 1) // n_masks):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
-        fakes = render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
+        fakes = models.render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
                        stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"

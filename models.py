@@ -9,10 +9,13 @@ import argparse
 import functools
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dataset import jitter_masks, to_model_range, to_uint8
 
 DEFAULT_CONFIG = dict(
     img_size=128,
@@ -676,6 +679,90 @@ def latest_generator_path(folder):
     if not found:
         raise CheckpointError(f"{folder}: no generator_epoch_<N>.pth checkpoints in this folder")
     return found[max(found)]
+
+
+def generator_path(model_path=None, model_folder=None):
+    """model_path as given, else the highest generator_epoch_<N>.pth in model_folder (--model_path / --model_folder)."""
+    return model_path or latest_generator_path(model_folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a generator: mixed precision, rendering masks, images of one class.
+
+def autocast_dtype(device, amp, requested="auto"):
+    """The low-precision dtype for --amp, or None for fp32. bf16 needs no loss scaling (fp32's exponent
+    range), so it is preferred wherever the hardware runs it natively; fp16 is the CUDA fallback."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+    if requested == "fp16":
+        print("warning: fp16 autocast is CUDA-only here; using bf16 on the CPU", file=sys.stderr)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    print("warning: --amp ignored: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
+    return None
+
+
+def autocast(device, dtype):
+    """Mixed-precision context for dtype (from autocast_dtype); a no-op for fp32 (dtype None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.inference_mode()
+def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
+           styles=None):
+    """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
+    dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
+    a style code takes styles (N x noise_dim) if given, else draws one per image in either mode
+    (seeded): a stored training style of the image's class, or N(0, I)."""
+    device = torch.device(device)
+    # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
+    generator = generator.to(device, memory_format=torch.channels_last).eval()
+    if stochastic:
+        for m in generator.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.train()
+    dtype = autocast_dtype(device, amp)
+    torch.manual_seed(seed)
+    outputs = []
+    for start in range(0, masks_uint8.shape[0], batch_size):
+        masks = to_model_range(masks_uint8[start:start + batch_size], device, torch.channels_last)
+        planes = None
+        if config["n_classes"]:
+            planes = class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
+        z = styles[start:start + batch_size].to(device) if styles is not None else None
+        with autocast(device, dtype):
+            outputs.append(to_uint8(generator(masks, planes, z)))
+    return torch.cat(outputs)
+
+
+def class_index(config, name):
+    return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
+
+
+def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0,
+                 styles=None):
+    """count images of one class (uint8) from jittered masks of that class through the stochastic
+    generator, cycling through the shuffled masks so each is used about equally often. A conditional
+    model may draw on every mask when the class has none. Distinct by construction: each image gets its
+    own mask jitter and dropout draw (and style draw, unless styles are given)."""
+    pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
+    if config["n_classes"] and class_name not in config["classes"]:
+        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
+    if not pool:
+        if not config["n_classes"]:
+            raise ValueError(f"{dataset.folder}: no masks labelled {class_name!r} (and the model is unconditional)")
+        pool = list(range(len(dataset)))
+    order = torch.tensor(pool)[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    picks = order.repeat(count // len(pool) + 1)[:count]
+    masks = jitter_masks(dataset.masks[picks], seed)
+    class_labels = class_index(config, class_name).repeat(count)
+    return render(generator, config, masks, class_labels, device=device, batch_size=batch_size, amp=amp,
+                  stochastic=True, seed=seed, styles=styles)
+
 
 
 if __name__ == "__main__":

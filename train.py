@@ -97,13 +97,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def resolve_device(name):
-    """'auto' -> cuda when there is one, else cpu; anything else as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
@@ -116,7 +109,7 @@ def model_config(args, classes=()):
 def setup_distributed(device_arg):
     """(device, rank, world_size). DDP only when torchrun's environment is present."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device_arg = resolve_device(device_arg)
+    device_arg = check_device(device_arg)
     if not distributed:
         return torch.device(device_arg), 0, 1
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -128,28 +121,6 @@ def setup_distributed(device_arg):
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return device, rank, world_size
-
-
-def autocast_dtype(device, amp, requested="auto"):
-    """The low-precision dtype for --amp, or None for fp32. bf16 needs no loss scaling (fp32's exponent
-    range), so it is preferred wherever the hardware runs it natively; fp16 is the CUDA fallback."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
-    if requested == "fp16":
-        print("warning: fp16 autocast is CUDA-only here; using bf16 on the CPU", file=sys.stderr)
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    print("warning: --amp ignored: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
-    return None
-
-
-def autocast(device, dtype):
-    """Mixed-precision context for dtype (from autocast_dtype); a no-op for fp32 (dtype None)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def diff_augment(masks, *images, policy=""):
@@ -230,7 +201,7 @@ def build_trainer(config, args, device, world_size=1):
     if E is not None:
         E = E.to(device, memory_format=memory_format)
         G_params += list(E.parameters())  # the encoder learns from G's loss, in G's optimizer
-    dtype = autocast_dtype(device, args.amp, args.amp_dtype)
+    dtype = models.autocast_dtype(device, args.amp, args.amp_dtype)
     trainer = SimpleNamespace(
         G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
         opt_G=make_optimizer(G_params, args), opt_D=make_optimizer(D.parameters(), args),
@@ -280,7 +251,7 @@ def optimizer_step(t, loss, optimizer, params, name):
 def train_step(t, masks, reals, class_planes=None):
     """One pix2pix iteration: D on (mask, real) vs (mask, G(mask)), then G against the updated D.
     Returns the losses as tensors (no host sync) and the generated batch."""
-    mixed = autocast(t.device, t.dtype)
+    mixed = models.autocast(t.device, t.dtype)
     z, loss_kl = None, None
     if t.E is not None:
         # cVAE: the real image's own style code (reparameterised), so L1 compares like with like.
@@ -354,7 +325,7 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
     codes = []
     for start in range(0, len(index), batch_size):
         images = to_model_range(images_uint8[index[start:start + batch_size]], t.device, t.memory_format)
-        with autocast(t.device, t.dtype):
+        with models.autocast(t.device, t.dtype):
             codes.append(t.E(images)[0])
     t.E.train(was_training)
     codes = torch.cat(codes)
@@ -377,7 +348,7 @@ def evaluate(t, test_set, batch_size, out_dir=None, epoch=0):
         masks = to_model_range(test_set.masks[index], t.device, t.memory_format)
         reals = to_model_range(test_set.images[index], t.device, t.memory_format)
         planes = models.class_planes(test_set.labels[index].to(t.device), n_classes, masks.shape[-1])
-        with autocast(t.device, t.dtype):
+        with models.autocast(t.device, t.dtype):
             fakes = G(masks, planes).float()
         for name, values in paired_metrics(fakes, reals).items():
             sums[name] = sums.get(name, 0.0) + values.sum().item()

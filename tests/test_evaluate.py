@@ -1,7 +1,7 @@
 """Tests for evaluate.py on tiny 32x32 data and a tiny generator (CPU, a few seconds each).
 
-generate.py (its render()) is written alongside; these tests substitute a stand-in that follows the same
-contract, and one test runs the real one when it exists.
+Most tests substitute a stand-in for models.render that follows the same contract (fast, and it records
+what evaluate asked for); one test runs the real one.
 """
 
 import argparse
@@ -20,7 +20,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 import evaluate
-import generate  # noqa: E402
 import models  # noqa: E402
 
 SIZE = 32
@@ -74,7 +73,7 @@ def make_checkpoint(folder, epoch=3, **config_overrides):
 
 def standin_render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
                    styles=None):
-    """What generate.render promises: uint8 renders, dropout on only when stochastic, seeded, given styles."""
+    """What models.render promises: uint8 renders, dropout on only when stochastic, seeded, given styles."""
     generator = generator.to(device).eval()
     for m in generator.modules():
         if isinstance(m, nn.Dropout):
@@ -101,8 +100,7 @@ def calls(monkeypatch):
         log.append({"masks": masks_uint8.clone(), "labels": None if labels is None else labels.clone(), **kw})
         return standin_render(generator, config, masks_uint8, labels, **kw)
 
-    monkeypatch.setattr(evaluate, "render", render)
-    monkeypatch.setattr(generate, "render", render)  # class renders for --downstream go through generate.py
+    monkeypatch.setattr(models, "render", render)  # class renders for --downstream go through it too
     return log
 
 
@@ -177,7 +175,7 @@ def test_realism_pairs_each_render_with_its_own_real_image(tmp_path, monkeypatch
     """A render of constant grey (0 in [-1, 1]) has a known L1 against each real image: checks name <-> image pairing."""
     data = make_data(tmp_path / "data")
     model = make_checkpoint(tmp_path / "models" / "RUN", dropout=0.0)
-    monkeypatch.setattr(evaluate, "render", lambda g, c, masks, labels=None, **kw: torch.full((len(masks), 3, SIZE, SIZE), 128, dtype=torch.uint8))
+    monkeypatch.setattr(models, "render", lambda g, c, masks, labels=None, **kw: torch.full((len(masks), 3, SIZE, SIZE), 128, dtype=torch.uint8))
     out = tmp_path / "out"
     summary = evaluate.main(["--model_path", str(model), "--data_dir", str(data), "--output_dir", str(out),
                              "--inception_weights", str(tmp_path / "none.pth"), "--n_variations", "2", "--num_workers", "1"])
@@ -212,10 +210,7 @@ def test_realism_rejects_a_different_img_size(tmp_path, calls):
     assert not calls
 
 
-def test_realism_with_the_real_generate_render(tmp_path):
-    generate = pytest.importorskip("generate")
-    if not hasattr(generate, "render"):
-        pytest.skip("generate.py has no render() yet")
+def test_realism_with_the_real_render(tmp_path):
     data = make_data(tmp_path / "data", test={"nevus": 2, "melanoma": 2})
     model = make_checkpoint(tmp_path / "models" / "RUN")
     out = tmp_path / "out"
@@ -262,7 +257,7 @@ def test_downstream_with_generator_balances_minority_classes(tmp_path, calls):
     assert j["steps"] == 2 * 2  # 2 passes over 11 real images in batches of 8, for every setting alike
     assert j["positive_class"] == "melanoma" and j["n_test"] == sum(TEST.values())
     # one pool of renders per class, as large as the larger use (top-up or twin); each class's renders used
-    # that class's index (and, through generate.class_images, jittered masks of that class)
+    # that class's index (and, through models.class_images, jittered masks of that class)
     pool = {c: max(wanted[c], TRAIN[c]) for c in classes}
     rendered = [c for c in calls if c["stochastic"]]
     assert sorted(len(c["masks"]) for c in rendered) == sorted(pool.values())

@@ -153,7 +153,7 @@ def test_style_image_renders_with_the_codes_of_the_given_photos_in_turn(style_mo
     generate.main(["--model_folder", style_model, "--input_dir", test_dir, "--style_image", str(refs),
                    "--output_dir", str(out)])
     dataset = PairedDataset(test_dir, 32, labels=read_labels(tiny_data), classes=config["classes"])
-    expected = generate.render(generator, config, dataset.masks, dataset.labels, styles=codes[[0, 1, 0, 1]])
+    expected = models.render(generator, config, dataset.masks, dataset.labels, styles=codes[[0, 1, 0, 1]])
     for k, name in enumerate(dataset.names):
         written = cv2.cvtColor(read_png(out / f"gen_only_{name}.png"), cv2.COLOR_BGR2RGB)
         assert np.array_equal(written, expected[k].permute(1, 2, 0).numpy())
@@ -181,7 +181,7 @@ def test_half_precision_export_is_smaller_and_renders_alike(style_model, tiny_da
     assert next(half.parameters()).dtype == torch.float32 and torch.equal(half.style_labels, full.style_labels)
     assert models.load_style_encoder(ckpt, config, dst) is not None
     dataset = PairedDataset(os.path.join(tiny_data, "test"), 32, labels=read_labels(tiny_data), classes=config["classes"])
-    a, b = (generate.render(g, config, dataset.masks, dataset.labels, seed=1) for g in (full, half))
+    a, b = (models.render(g, config, dataset.masks, dataset.labels, seed=1) for g in (full, half))
     assert (a.int() - b.int()).abs().max() <= 2
 
 

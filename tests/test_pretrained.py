@@ -57,7 +57,7 @@ def test_style_image_moves_colours_toward_the_reference(shipped, demo, tmp_path)
         cv2.imwrite(file, image)
         ref_colour[name] = torch.from_numpy(read_image(file, 128)).float().mean((1, 2))
         styles = generate.style_codes(encoder, config, file).expand(len(masks), -1)
-        render_colour[name] = generate.render(generator, config, masks, nevus, styles=styles).float().mean((0, 2, 3))
+        render_colour[name] = models.render(generator, config, masks, nevus, styles=styles).float().mean((0, 2, 3))
     brightness = [render_colour[n].mean() for n in ("dark", "as_is", "pale")]
     assert brightness[0] + 15 < brightness[1] < brightness[2] - 10
     for name in references:  # each reference's render is the nearest in colour to that reference
