@@ -104,13 +104,16 @@ def model_config(args):
 
 def trainer_args(args):
     """train.py's flags for this measurement: its defaults (the reference layout and the original recipe
-    train with the original recipe's losses), plus the speed switches under test."""
+    train with the original recipe's losses)."""
     flags = ["--img_size", str(args.img_size)] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
     flags += train.ORIGINAL_RECIPE if args.reference or args.original_recipe else []
-    flags += [] if args.channels_last else ["--no-channels_last"]
-    flags += [] if args.fused_adam else ["--no-fused_adam"]
-    flags += [] if args.freeze_d else ["--no-freeze_d"]
     return train.parse_args(flags)[0]
+
+
+def build_trainer(args, config, device, world_size=1):
+    """train.build_trainer with the speed switches under test (train.py always takes the fast path)."""
+    return train.build_trainer(config, trainer_args(args), device, world_size, channels_last=args.channels_last,
+                               fused_adam=args.fused_adam, freeze_d=args.freeze_d)
 
 
 def arch_name(args):
@@ -125,7 +128,7 @@ def random_batch(batch_size, size):
 
 def bench_train(args, device, peaks):
     config = model_config(args)
-    trainer = train.build_trainer(config, trainer_args(args), device)
+    trainer = build_trainer(args, config, device)
     masks_u8, images_u8 = random_batch(args.batch_size, args.img_size)
     masks = to_model_range(masks_u8, device, trainer.memory_format)
     reals = to_model_range(images_u8, device, trainer.memory_format)
@@ -201,7 +204,7 @@ def bench_scaling(args, device, rank, world_size):
     masks_u8, images_u8 = random_batch(args.batch_size, args.img_size)
     rates = []
     for processes in (1, world_size):
-        trainer = train.build_trainer(config, trainer_args(args), device, processes)
+        trainer = build_trainer(args, config, device, processes)
         masks = to_model_range(masks_u8, device, trainer.memory_format)
         reals = to_model_range(images_u8, device, trainer.memory_format)
         dist.barrier()

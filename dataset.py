@@ -8,6 +8,7 @@ import contextlib
 import csv
 import errno
 import itertools
+import json
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the one list: sources, masks, splits, ids
 LABELS_FILE = "labels.csv"
 MAX_PIXELS = 180_000_000  # decompression-bomb guard (preprocess.py uses the same); the largest ISIC images are ~30 MP
 EXTREME_ASPECT = 4.0  # width/height beyond this (or below its inverse) is squashed badly by the square resize
@@ -206,6 +207,31 @@ def write_csv(path, header, rows):
             os.fsync(f.fileno())
 
 
+def json_safe(obj):
+    # json.dump would write NaN/Infinity, which strict JSON readers reject.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path):
+    """obj as indented strict JSON (NaN and inf become null), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(json_safe(obj), f, indent=2)
+        f.write("\n")
+
+
+def fmt(value, spec=".4f"):
+    """A number for a printed table; None and NaN (a metric that could not be computed) read 'n/a'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
 def write_image(path, array):
     """An HxW or HxWx3 (BGR) uint8 array as an image file, atomically. Encoded in memory and written with
     Python I/O, so a full disk raises OSError(ENOSPC) instead of cv2.imwrite's bare False."""
@@ -244,38 +270,106 @@ def find_pairs(folder):
     return [(stem, path, originals.get(stem)) for stem, path in masks.items()]
 
 
+def strip_image_extension(name):
+    """'ISIC_1.jpg' -> 'ISIC_1': ids in label files and id lists sometimes carry the image's file name,
+    while pairs are matched by stem. Names without an image extension are ids already and stay as given."""
+    stem, ext = os.path.splitext(os.path.basename(name))
+    return stem if ext.lower() in IMAGE_EXTENSIONS else name
+
+
+def read_label_table(path):
+    """{stem: (class name, lesion id or None)} from a labels CSV. The format is told by its header:
+    HAM10000 metadata, ISIC 2017 ground truth, ISIC 2018/2019 one-hot, isic-cli metadata.csv, or plain
+    image_id,label / image_id,diagnosis (what preprocess.py writes, with a split column). Class names
+    are checked to be safe folder names; an id listed again with another label, or with none, is
+    reported and the last label wins. Refusals are UsageErrors naming the file (and line)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path}: not a readable CSV file ({str(e)[:100]})") from None
+    if not rows:
+        raise UsageError(f"{path}: empty labels file")
+    header = [h.strip() for h in rows[0]]
+    low = [h.lower() for h in header]
+    col = {h: i for i, h in enumerate(low)}
+
+    def get(r, name):
+        i = col.get(name)
+        return r[i].strip() if i is not None and i < len(r) else ""
+
+    diag_cols = sorted((h for h in low if h.startswith("diagnosis_") and h[10:].isdigit()), key=lambda h: int(h[10:]))
+    onehot = [h for h in header if h.lower() not in ("image", "image_id")]
+    if "image_id" in col and "dx" in col:  # HAM10000
+        def parse(r):
+            return get(r, "image_id"), get(r, "dx").lower(), get(r, "lesion_id") or None
+    elif "image_id" in col and "melanoma" in col and "seborrheic_keratosis" in col:  # ISIC 2017
+        def parse(r):
+            mel, sk = float(get(r, "melanoma") or 0), float(get(r, "seborrheic_keratosis") or 0)
+            return get(r, "image_id"), "melanoma" if mel >= 0.5 else "seborrheic_keratosis" if sk >= 0.5 else "nevus", None
+    elif low[:1] == ["image"] and {"mel", "nv"} <= set(low):  # ISIC 2018/2019 one-hot
+        def parse(r):
+            vals = [float(v or 0) for v in r[1:len(header)]]
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError("one-hot values must be finite numbers")
+            marked = [name for name, v in zip(onehot, vals) if v >= 0.5]
+            if len(marked) > 1:
+                notes.append(f"{r[0].strip()} is marked as several classes ({', '.join(marked)}); "
+                             f"using {onehot[int(np.argmax(vals))]}")
+            # a row with no class marked is left unlabelled (argmax would silently call it the first column)
+            return r[0].strip(), onehot[int(np.argmax(vals))].lower() if marked else "", None
+    elif "isic_id" in col and (diag_cols or "diagnosis" in col):  # isic-cli metadata.csv
+        def parse(r):
+            # diagnosis_1 is the coarsest level (benign/malignant); the deepest filled level is the diagnosis
+            names = [get(r, c) for c in diag_cols] or [get(r, "diagnosis")]
+            label = next((v for v in reversed(names) if v), "")
+            return get(r, "isic_id"), label.lower(), get(r, "lesion_id") or None
+    elif "image_id" in col and ("label" in col or "diagnosis" in col):  # plain
+        key = "label" if "label" in col else "diagnosis"
+
+        def parse(r):
+            return get(r, "image_id"), get(r, key), get(r, "lesion_id") or None
+    else:
+        raise UsageError(f"{path}: unrecognised labels header {','.join(header)!r} (expected HAM10000, "
+                         "ISIC 2017/2018/2019 ground truth, isic-cli metadata.csv or image_id,label)")
+    labels = {}
+    for n, r in enumerate(rows[1:], start=2):
+        if not any(v.strip() for v in r):
+            continue
+        notes = []
+        try:
+            image_id, label, lesion = parse(r)
+        except ValueError as e:
+            raise UsageError(f"{path}: bad row {','.join(r)!r} ({e})") from None
+        for note in notes:
+            print(f"warning: {path}: line {n}: {note}", file=sys.stderr)
+        if not image_id:
+            continue
+        if not label:
+            print(f"warning: {path}: line {n}: {image_id} has no class; left unlabelled", file=sys.stderr)
+            continue
+        try:
+            check_name(label, "class")  # class names become folder names in generate.py --class/--balance
+        except UsageError as e:
+            raise UsageError(f"{path}: line {n}: {e}") from None
+        stem = strip_image_extension(image_id)
+        if stem in labels and labels[stem][0] != label:
+            print(f"warning: {path}: line {n}: {stem} is listed again with another label ({labels[stem][0]!r}, "
+                  f"now {label!r}); using {label!r}", file=sys.stderr)
+        labels[stem] = (label, lesion)
+    return labels
+
+
 def read_labels(path):
-    """{stem: class name} from a labels.csv as preprocess.py writes it (image_id,label[,split]): `path` is
-    the file itself, or a folder holding it ({} when the folder has none). Class names are checked to be
-    safe folder names; an id listed twice with different labels is reported (the last one wins)."""
+    """{stem: class name} from a split's labels.csv (see read_label_table): `path` is the file itself,
+    or a folder holding it ({} when the folder has none: unlabelled data is normal)."""
     if os.path.isdir(path) or not os.path.exists(path):
         path = os.path.join(path, LABELS_FILE)
         if not os.path.isfile(path):
             return {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(f"{path}: not a readable CSV file ({str(e)[:100]}); expected a labels.csv with image_id,label "
-                         "columns") from None
-    if columns and not {"image_id", "label"} <= set(columns):
-        raise UsageError(f"{path}: expected columns image_id,label (got {','.join(c or '' for c in columns)})")
-    labels = {}
-    for n, row in enumerate(rows, start=2):
-        image_id, label = (row.get("image_id") or "").strip(), (row.get("label") or "").strip()
-        if not image_id or not label:
-            continue
-        try:
-            check_name(label, "class")
-        except UsageError as e:
-            raise UsageError(f"{path}: line {n}: {e}") from None
-        if labels.get(image_id, label) != label:
-            print(f"warning: {path}: {image_id} is listed twice with labels {labels[image_id]!r} and {label!r}; "
-                  f"using {label!r}", file=sys.stderr)
-        labels[image_id] = label
-    return labels
+    if os.path.getsize(path) == 0:  # an empty labels.csv labels nothing, like a missing one
+        return {}
+    return {stem: label for stem, (label, _) in read_label_table(path).items()}
 
 
 def binarize_mask(mask):

@@ -9,7 +9,7 @@
 Plain mode writes gen_only_<name>.png and generated_<name>.png (mask / generated / real) per mask;
 past the number of masks it renders new variations. --class and --balance write
 <output_dir>/<class>/gen_<n>.png and <output_dir>/labels.csv for classifier pipelines.
-A model with a style code (train.py --noise_dim 8 --style_encoder) gives each image the look of a
+A model with a style code (train.py --style_dim 8) gives each image the look of a
 training image of the same class, or with --style_image the look of the given photograph(s).
 """
 import argparse
@@ -90,7 +90,7 @@ def load_model(args):
     if args.style_image is not None:
         encoder = models.load_style_encoder(ckpt, config, path)
         if encoder is None:
-            raise UsageError(f"--style_image: {path} has no style encoder (train with --noise_dim 8 --style_encoder)")
+            raise UsageError(f"--style_image: {path} has no style encoder (train with --style_dim 8)")
         styles = style_codes(encoder, config, args.style_image)
     return generator, config, styles
 

@@ -34,8 +34,6 @@ DEFAULT_CONFIG = dict(
     noise_dim=0,          # > 0: a style code z joins the bottleneck (skin tone, vignette, ...): N(0, I), or see style_encoder
     style_encoder=False,  # learn z from the real image while training (cVAE, BicycleGAN); sample it from style_bank
     style_bank_size=256,  # style codes of training images kept in the generator for sampling
-    noise_injection=False,  # per-pixel noise with learned per-channel strength in every decoder level (texture)
-    d_spectral_norm=False,
     d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
     projected_d=False,    # add a projected discriminator on frozen EfficientNet-Lite0 features (Projected GAN)
     classes=[],           # class names, index = one-hot position
@@ -110,23 +108,10 @@ def up_conv(c_in, c_out, mode, bias):
                          nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
 
 
-class NoiseInjection(nn.Module):
-    """x + strength * N(0, 1) per pixel (StyleGAN): a source of fine, non-repeating texture.
-    The strength starts at zero, so the network only uses the noise as far as it helps."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.strength = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x):
-        return x + self.strength * torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-
-
 class Up(nn.Module):
-    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False):
+    def __init__(self, c_in, c_out, norm, upsample, dropout, residual):
         super().__init__()
-        layers = [up_conv(c_in, c_out, upsample, bias=False)] + ([NoiseInjection(c_out)] if noise else [])
-        layers += [norm_layer(norm, c_out), nn.ReLU(True)]
+        layers = [up_conv(c_in, c_out, upsample, bias=False), norm_layer(norm, c_out), nn.ReLU(True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         if residual:
@@ -171,7 +156,7 @@ class Generator(nn.Module):
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.noise_dim if i == levels - 1 else 2 * widths[i]
             dropout = c["dropout"] if i >= levels - c["n_dropout_levels"] else 0.0
-            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_injection"]))
+            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1]))
         self.out = nn.Sequential(up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True), nn.Tanh())
 
     def forward(self, masks, class_planes=None, z=None):
@@ -230,17 +215,16 @@ class StyleEncoder(nn.Module):
 def patch_discriminator(config):
     """Conditional PatchGAN: four stride-2 4x4 convolutions and a 3x3 scoring convolution."""
     c = config
-    sn = nn.utils.spectral_norm if c["d_spectral_norm"] else (lambda m: m)
     in_channels = c["mask_channels"] + c["n_classes"] + c["image_channels"]
     widths = [c["ndf"], c["ndf"] * 2, c["ndf"] * 4, c["ndf"] * 8]
     layers = []
     for i, width in enumerate(widths):
-        use_norm = i > 0 and not c["d_spectral_norm"]
-        layers.append(sn(nn.Conv2d(in_channels if i == 0 else widths[i - 1], width, 4, stride=2, padding=1, bias=not use_norm)))
+        use_norm = i > 0
+        layers.append(nn.Conv2d(in_channels if i == 0 else widths[i - 1], width, 4, stride=2, padding=1, bias=not use_norm))
         if use_norm:
             layers.append(norm_layer(c["norm"], width))
         layers.append(nn.LeakyReLU(0.2, True))
-    layers.append(sn(nn.Conv2d(widths[-1], 1, 3, padding=1)))
+    layers.append(nn.Conv2d(widths[-1], 1, 3, padding=1))
     return nn.Sequential(*layers)
 
 
@@ -259,22 +243,16 @@ class Discriminator(nn.Module):
         self.n_patch_maps = config["d_scales"]  # the score maps after these come from the projected critic
         self.projected = ProjectedDiscriminator(config) if config["projected_d"] else None
 
-    def forward(self, masks, images, class_planes=None, return_features=False):
+    def forward(self, masks, images, class_planes=None):
         parts = [masks, images] if class_planes is None else [masks, class_planes, images]
         x = torch.cat(parts, 1)
         projected = self.projected(x[:, :-images.shape[1]], images) if self.projected is not None else []
-        scores, features = [], []  # features: every layer's activations, for feature matching (pix2pixHD)
+        scores = []
         for k, net in enumerate([self.net, *self.coarser]):
             if k > 0:
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            h = x
-            for layer in net:
-                h = layer(h)
-                if return_features and isinstance(layer, nn.LeakyReLU):
-                    features.append(h)
-            scores.append(h)
-        scores += projected
-        return (scores, features) if return_features else scores
+            scores.append(net(x))
+        return scores + projected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +442,7 @@ def init_weights(module):
         if id(m) in pretrained:
             continue
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            weight = m.weight_orig if hasattr(m, "weight_orig") else m.weight
-            nn.init.normal_(weight, 0.0, 0.02)
+            nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.weight is not None:
@@ -586,12 +563,22 @@ def check_weights(build, config, state, path, what):
                               f"({len(wrong)} entries missing, extra or of another shape, e.g. {wrong[0]})")
 
 
+# Architecture options that lost their ablations (README, Results) and were removed; checkpoints saved
+# before then still carry them switched off.
+REMOVED_CONFIG = {"noise_injection": False, "d_spectral_norm": False}
+
+
 def checked_config(ckpt, path):
     """The complete config of a loaded checkpoint, validated (CheckpointError naming the file otherwise)."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path}: not a PixelGAN checkpoint (no 'config' entry)")
+    config = dict(ckpt["config"])
+    for key, off in REMOVED_CONFIG.items():
+        if config.pop(key, off) is not off:
+            raise CheckpointError(f"{path}: trained with {key}, an option this version no longer has (it lost its "
+                                  f"ablation); load it with a version from before November 2026")
     try:
-        return make_config(**ckpt["config"])
+        return make_config(**config)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: refused: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -684,6 +671,20 @@ def latest_generator_path(folder):
 def generator_path(model_path=None, model_folder=None):
     """model_path as given, else the highest generator_epoch_<N>.pth in model_folder (--model_path / --model_folder)."""
     return model_path or latest_generator_path(model_folder)
+
+
+def checkpoint_epoch(path, ckpt):
+    """The epoch a checkpoint was saved at: its own record, else the _<N> of its file name, else 'unknown'."""
+    if isinstance(ckpt.get("epoch"), int):
+        return ckpt["epoch"]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    tail = stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else "unknown"
+
+
+def run_name(model_path):
+    # Models and outputs share the run's timestamp folder name: pixelgan_models/<TS> <-> pixelgan_outputs/<TS>.
+    return os.path.basename(os.path.normpath(os.path.dirname(os.path.abspath(model_path))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 Prepare (mask, image) pairs for the Skin Lesion PixelGAN.
 
-Reads dermoscopy images from --source_dir, takes or makes a binary lesion mask
+Reads dermoscopy images from --source_dir, takes (--mask_dir) or makes a binary lesion mask
 for each, makes both square (--resize: squash, crop around the lesion, or mirror-pad),
 resizes them to the working resolution and splits them into train/test under --data_dir:
 
@@ -10,6 +10,10 @@ resizes them to the working resolution and splits them into train/test under --d
     DATA/test/...                     same layout
     DATA/labels.csv                   image_id,label,split (only when labels are known)
 
+The split is built beside the old one and swapped in only when complete, so a failed run leaves
+--data_dir as it was. Labels CSVs are read by dataset.read_label_table; --demo draws its images
+from demo_data.py.
+
 Examples:
     python preprocess.py --source_dir ./data/input_images/ --data_dir data --test_split 0.1
     python preprocess.py --source_dir isic/images --mask_dir isic/masks --labels isic/labels.csv --data_dir data
@@ -17,8 +21,7 @@ Examples:
 """
 
 import argparse
-import csv
-import math
+import contextlib
 import os
 import random
 import shutil
@@ -33,14 +36,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dataset import (EXTREME_ASPECT, LABELS_FILE, MAX_PIXELS, ArgumentParser, Range, UsageError, binarize_mask,
-                     check_name, check_ranges, describe_os_error, run_cli, write_csv, write_image)
+from dataset import (EXTREME_ASPECT, IMAGE_EXTENSIONS, LABELS_FILE, MAX_PIXELS, ArgumentParser, Range, UsageError,
+                     binarize_mask, check_ranges, describe_os_error, read_label_table, run_cli, strip_image_extension,
+                     write_csv, write_image)
+from demo_data import make_demo_dataset
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
-MASK_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp"}
+EXTENSION_LIST = "/".join(IMAGE_EXTENSIONS)  # for messages: the files this script reads, as they are named
 MASK_SUFFIXES = ("_segmentation",)  # matched case-insensitively, so _Segmentation works too
 SPLIT_ENTRIES = ("train", "test", LABELS_FILE)  # what a split in --data_dir consists of (and --overwrite replaces)
-DEMO_MARKER = ".pixelgan_demo"  # in a folder --demo wrote: "<n> <seed>"; only such a folder is ever replaced
 # PIL's own guard warns at MAX_IMAGE_PIXELS and only raises at twice that; we check the
 # size ourselves before decoding, and keep PIL's limit as a second line of defence
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -227,93 +230,7 @@ def segment_lesion(rgb, method="lesion"):
 
 
 # -----------------------------------------------------------------------------
-# labels and splitting
-
-
-def read_labels(path):
-    """Labels CSV -> {image_id: (label, lesion_id or None)}. The format is detected from the header:
-    HAM10000 metadata, ISIC 2017 ground truth, ISIC 2018/2019 one-hot, isic-cli metadata.csv,
-    or plain image_id,label / image_id,diagnosis."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: not a readable CSV file ({str(e)[:100]})") from None
-    if not rows:
-        raise ValueError(f"{path}: empty labels file")
-    header = [h.strip() for h in rows[0]]
-    low = [h.lower() for h in header]
-    col = {h: i for i, h in enumerate(low)}
-
-    def get(r, name):
-        i = col.get(name)
-        return r[i].strip() if i is not None and i < len(r) else ""
-
-    diag_cols = sorted((h for h in low if h.startswith("diagnosis_") and h[10:].isdigit()), key=lambda h: int(h[10:]))
-    onehot = [h for h in header if h.lower() not in ("image", "image_id")]
-    if "image_id" in col and "dx" in col:  # HAM10000
-        def parse(r):
-            return get(r, "image_id"), get(r, "dx").lower(), get(r, "lesion_id") or None
-    elif "image_id" in col and "melanoma" in col and "seborrheic_keratosis" in col:  # ISIC 2017
-        def parse(r):
-            mel, sk = float(get(r, "melanoma") or 0), float(get(r, "seborrheic_keratosis") or 0)
-            return get(r, "image_id"), "melanoma" if mel >= 0.5 else "seborrheic_keratosis" if sk >= 0.5 else "nevus", None
-    elif low[0] == "image" and {"mel", "nv"} <= set(low):  # ISIC 2018/2019 one-hot
-        def parse(r):
-            vals = [float(v or 0) for v in r[1:len(header)]]
-            if not all(math.isfinite(v) for v in vals):
-                raise ValueError("one-hot values must be finite numbers")
-            marked = [name for name, v in zip(onehot, vals) if v >= 0.5]
-            if len(marked) > 1:
-                notes.append(f"{r[0].strip()} is marked as several classes ({', '.join(marked)}); "
-                             f"using {onehot[int(np.argmax(vals))]}")
-            # a row with no class marked is left unlabelled (argmax would silently call it the first column)
-            return r[0].strip(), onehot[int(np.argmax(vals))].lower() if marked else "", None
-    elif "isic_id" in col and (diag_cols or "diagnosis" in col):  # isic-cli metadata.csv
-        def parse(r):
-            # diagnosis_1 is the coarsest level (benign/malignant); the deepest filled level is the diagnosis
-            names = [get(r, c) for c in diag_cols] or [get(r, "diagnosis")]
-            label = next((v for v in reversed(names) if v), "")
-            return get(r, "isic_id"), label.lower(), get(r, "lesion_id") or None
-    elif "image_id" in col and ("label" in col or "diagnosis" in col):  # plain
-        key = "label" if "label" in col else "diagnosis"
-
-        def parse(r):
-            return get(r, "image_id"), get(r, key), get(r, "lesion_id") or None
-    else:
-        raise ValueError(f"{path}: unrecognised labels header {','.join(header)!r} (expected HAM10000, "
-                         "ISIC 2017/2018/2019 ground truth, isic-cli metadata.csv or image_id,label)")
-    labels = {}
-    for n, r in enumerate(rows[1:], start=2):
-        if not any(v.strip() for v in r):
-            continue
-        notes = []
-        try:
-            image_id, label, lesion = parse(r)
-        except ValueError as e:
-            raise ValueError(f"{path}: bad row {','.join(r)!r} ({e})")
-        for note in notes:
-            warn(f"{path}: line {n}: {note}")
-        if not image_id:
-            continue
-        if not label:
-            warn(f"{path}: line {n}: {image_id} has no class; left unlabelled")
-            continue
-        try:
-            check_name(label, "class")  # class names become folder names in generate.py --class/--balance
-        except UsageError as e:
-            raise UsageError(f"{path}: line {n}: {e}") from None
-        stem = Path(image_id).stem if Path(image_id).suffix.lower() in IMAGE_EXTS else image_id
-        if stem in labels and labels[stem][0] != label:
-            warn(f"{path}: line {n}: {stem} is listed again with another label ({labels[stem][0]!r}, now {label!r}); "
-                 f"using {label!r}")
-        labels[stem] = (label, lesion)
-    return labels
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
+# id lists and splitting
 
 
 def read_id_list(path):
@@ -322,7 +239,7 @@ def read_id_list(path):
     for line in Path(path).read_text().splitlines():
         s = line.split("#")[0].strip()
         if s:
-            ids.append(Path(s).stem if Path(s).suffix.lower() in IMAGE_EXTS else s)
+            ids.append(strip_image_extension(s))
     return ids
 
 
@@ -365,148 +282,6 @@ def split_ids(ids, test_split, seed, labels=None, groups=None):
 
 
 # -----------------------------------------------------------------------------
-# procedural demo data
-
-
-def _smooth_noise(rng, h, w, cells):
-    """Low-frequency noise in [0, 1]: a coarse random grid blown up with bicubic interpolation."""
-    g = rng.random((cells, max(2, round(cells * w / h)))).astype(np.float32)
-    n = cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
-    return (n - n.min()) / (n.max() - n.min() + 1e-6)
-
-
-def _demo_one(rng, cls):
-    w = int(rng.integers(300, 401))
-    h = int(round(w * rng.uniform(0.72, 0.76)))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # skin: a tone from pale to brown, uneven lighting, fine texture
-    red = rng.uniform(200, 240)
-    green = red * rng.uniform(0.72, 0.84)
-    skin = np.array([red, green, green * rng.uniform(0.82, 0.95)], np.float32)
-    skin *= rng.uniform(0.8, 1.05)
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = skin
-    img *= (0.9 + 0.15 * _smooth_noise(rng, h, w, 3))[..., None]
-    img += rng.normal(0, 4, (h, w, 1)).astype(np.float32)
-    img += cv2.GaussianBlur(rng.normal(0, 6, (h, w)).astype(np.float32), (0, 0), 1.5)[..., None]
-
-    # outline: radius with a few random harmonics; melanoma gets more and stronger ones
-    cx, cy = w / 2 + rng.normal(0, w * 0.06), h / 2 + rng.normal(0, h * 0.06)
-    r0 = min(h, w) * rng.uniform(0.18, 0.34)
-    harmonics, amp = {"melanoma": (7, 0.12), "nevus": (3, 0.05), "seborrheic_keratosis": (5, 0.09)}[cls]
-    theta = np.arctan2(yy - cy, (xx - cx) / rng.uniform(0.8, 1.25))
-    r = np.full_like(theta, r0)
-    for k in range(2, 2 + harmonics):
-        r += r0 * amp * rng.normal() / np.sqrt(k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    dist = np.hypot(xx - cx, yy - cy)
-    mask = dist < r
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 2.0 if cls != "melanoma" else 1.2)
-
-    # pigment: colour mixes light and dark shades of the class by a smooth field
-    light, dark = {"melanoma": ([150, 95, 70], [55, 30, 25]),
-                   "nevus": ([165, 110, 80], [110, 65, 45]),
-                   "seborrheic_keratosis": ([190, 150, 105], [140, 100, 70])}[cls]
-    shade = 0.6 * _smooth_noise(rng, h, w, 6 if cls == "melanoma" else 3) + 0.4 * np.clip(1 - dist / r, 0, 1)
-    if cls == "nevus":
-        shade = 0.5 + 0.5 * (shade - 0.5) * 0.5  # uniform
-    les = (np.array(light, np.float32) * (1 - shade[..., None]) + np.array(dark, np.float32) * shade[..., None])
-    les *= rng.uniform(0.85, 1.1)
-    # pigment network: a darker mesh of slightly wobbly lines
-    if cls != "seborrheic_keratosis" and rng.random() < 0.7:
-        f = rng.uniform(0.25, 0.4)
-        wob = 6 * _smooth_noise(rng, h, w, 14)
-        net = np.abs(np.sin(xx * f + wob)) * np.abs(np.sin(yy * f + 0.8 * wob + 1.0))
-        fade = np.clip(1 - dist / r, 0, 1) ** 0.5 * _smooth_noise(rng, h, w, 5)
-        les *= (1 - 0.22 * fade * cv2.GaussianBlur((net < 0.25).astype(np.float32), (0, 0), 0.7))[..., None]
-    img = img * (1 - soft[..., None]) + les * soft[..., None]
-
-    # dots: blue-grey and black in melanoma, pale waxy milia in seborrheic keratosis
-    inside = np.argwhere(mask)
-    if len(inside):
-        n_dots = {"melanoma": int(rng.integers(10, 40)), "nevus": int(rng.integers(0, 6)),
-                  "seborrheic_keratosis": int(rng.integers(5, 20))}[cls]
-        for y, x in inside[rng.integers(0, len(inside), n_dots)]:
-            if cls == "seborrheic_keratosis":
-                col = (215, 200, 170)
-            else:
-                col = (95, 100, 125) if rng.random() < 0.5 else (25, 20, 25)
-            cv2.circle(img, (int(x), int(y)), int(rng.integers(1, 4)), col, -1, cv2.LINE_AA)
-
-    # hairs: thin dark curves laid on top of everything
-    for _ in range(int(rng.integers(0, 7)) if rng.random() < 0.5 else 0):
-        p0, p1, p2 = rng.uniform(0, 1, (3, 2)) * (w, h)
-        t = np.linspace(0, 1, 40)[:, None]
-        pts = ((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2).astype(np.int32)
-        cv2.polylines(img, [pts], False, tuple(float(v) for v in rng.uniform(20, 60, 3)), 1, cv2.LINE_AA)
-
-    # some dermoscopes leave a black circle around the field of view
-    if rng.random() < 0.35:
-        rad = np.hypot(w, h) / 2 * rng.uniform(0.82, 0.95)
-        fall = np.clip((rad - np.hypot(xx - w / 2, yy - h / 2)) / 12, 0, 1)
-        img = img * fall[..., None] + 8 * (1 - fall[..., None])
-        mask &= fall > 0.5
-    img = cv2.GaussianBlur(img, (0, 0), 0.6)
-    return np.clip(img, 0, 255).astype(np.uint8), (mask * 255).astype(np.uint8)
-
-
-def make_demo_dataset(out_dir, n, seed):
-    """Write n procedural lesion images (out_dir/images/demo_XXXX.jpg), their GT masks
-    (out_dir/masks/demo_XXXX_segmentation.png) and out_dir/labels.csv (image_id,label).
-    Deterministic in seed. Returns (images dir, masks dir, labels path).
-
-    out_dir must be new, empty, or a folder an earlier --demo wrote (then kept if it has the same n and
-    seed, else replaced): user files in it are never deleted or mixed with demo ones."""
-    out_dir = Path(out_dir)
-    entries = {"images": out_dir / "images", "masks": out_dir / "masks", LABELS_FILE: out_dir / LABELS_FILE}
-    marker = out_dir / DEMO_MARKER
-    stamp = f"{n} {seed}\n"
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not marker.is_file():
-            raise UsageError(f"{out_dir} already holds files that --demo did not write; give --demo a new or empty "
-                             "--source_dir (or leave --source_dir out: DATA/demo_source)")
-        if marker.read_text() == stamp and all(p.exists() for p in entries.values()):
-            return entries["images"], entries["masks"], entries[LABELS_FILE]
-    elif out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file, not a folder for the demo images")
-    # built aside, then swapped in: an interrupted run leaves the previous demo (or nothing), never half of one
-    stage = out_dir / f".tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        _write_demo(stage, n, seed)
-        marker.unlink(missing_ok=True)  # from here on out_dir is not a complete demo until the marker is back
-        for name, path in entries.items():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            os.replace(stage / name, path)
-        marker.write_text(stamp)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return entries["images"], entries["masks"], entries[LABELS_FILE]
-
-
-def _write_demo(out_dir, n, seed):
-    img_dir, mask_dir = out_dir / "images", out_dir / "masks"
-    for d in (img_dir, mask_dir):
-        d.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    # roughly the ISIC 2017 mix
-    n_mel, n_sk = round(0.2 * n), round(0.15 * n)
-    classes = ["melanoma"] * n_mel + ["seborrheic_keratosis"] * n_sk + ["nevus"] * (n - n_mel - n_sk)
-    rng.shuffle(classes)
-    rows = []
-    for i, cls in enumerate(classes):
-        stem = f"demo_{i:04d}"
-        img, mask = _demo_one(np.random.default_rng([seed, i]), cls)
-        ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        (img_dir / f"{stem}.jpg").write_bytes(jpeg.tobytes())  # Python I/O: a full disk raises, imwrite would not
-        write_image(str(mask_dir / f"{stem}_segmentation.png"), mask)
-        rows.append((stem, cls))
-    write_csv(str(out_dir / LABELS_FILE), ("image_id", "label"), rows)
-
-
-# -----------------------------------------------------------------------------
 # one pair
 
 
@@ -514,7 +289,7 @@ def _mask_index(mask_dir):
     """{id: mask path}, accepting <id>.png, <id>_segmentation.png, <id>_Segmentation.png, ..."""
     index = {}
     for p in sorted(Path(mask_dir).iterdir()):
-        if not p.is_file() or p.suffix.lower() not in MASK_EXTS:
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         stem = p.stem
         for suf in MASK_SUFFIXES:
@@ -611,21 +386,78 @@ def process_pair(img_path, mask_path, out_dir, img_size, mask_method, resize="sq
 
 
 # -----------------------------------------------------------------------------
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)
+# the command, step by step: main() calls these in order
 
 
 LIMITS = {"test_split": Range(0, 1, lo_open=True, hi_open=True), "img_size": Range(8, 4096),
           "num_workers": Range(0, 256), "demo": Range(0, 100_000), "seed": Range(0, 2 ** 63 - 1)}
 
 
+def parse_args(argv):
+    """Flags, with numeric ones refused here when out of range, before anything touches the disk."""
+    parser = ArgumentParser(description="Prepare mask/image pairs for the Skin Lesion PixelGAN.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source_dir", type=str, default=None, help=f"folder with {EXTENSION_LIST} images (not recursive)")
+    parser.add_argument("--data_dir", type=str, default="data", help="output folder (train/, test/, labels.csv)")
+    parser.add_argument("--test_split", type=float, default=0.1, help="fraction of images (lesions when grouped) for test")
+    parser.add_argument("--seed", type=int, default=42, help="random seed for the split and the demo set")
+    parser.add_argument("--img_size", type=int, default=256, help="square working resolution")
+    parser.add_argument("--resize", choices=["squash", "crop", "pad"], default="squash",
+                        help="how a non-square image becomes square: squash (stretch, lesion shape distorted), "
+                             "crop (largest square around the lesion, shape kept), pad (mirror the short side out)")
+    parser.add_argument("--mask_dir", type=str, default=None, help="ground-truth masks: <id>.png or <id>_segmentation.png")
+    parser.add_argument("--mask_method", choices=["lesion", "otsu", "canny"], default="lesion",
+                        help="how to make masks when --mask_dir is not given")
+    parser.add_argument("--labels", type=str, default=None,
+                        help="labels CSV (HAM10000, ISIC 2017/2018/2019, isic-cli metadata or image_id,label)")
+    parser.add_argument("--train_ids", type=str, default=None, help="file with one training id per line")
+    parser.add_argument("--test_ids", type=str, default=None, help="file with one test id per line")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing split in --data_dir (only once the new one is complete)")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
+    parser.add_argument("--demo", type=int, default=0, metavar="N",
+                        help="generate N procedural lesion images into --source_dir (new or empty; default "
+                             "DATA/demo_source) and use them")
+    args = parser.parse_args(argv)
+    check_ranges(args, LIMITS)
+    return args
+
+
 def _inside(path, folder):
     """Whether path is folder itself or lies inside it (links resolved)."""
     p, f = Path(path).resolve(), Path(folder).resolve()
     return p == f or f in p.parents
+
+
+def refuse_early(args, data_dir):
+    """Refusals that need no input read, so they come before any slow work. Two splits mixed in one
+    folder would leak test images into training; and whatever the new split replaces must not be where
+    its input comes from."""
+    existing = [e for e in SPLIT_ENTRIES if (data_dir / e).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{data_dir} already holds {' and '.join(e + ('' if '.' in e else '/') for e in existing)}; "
+                         f"pass --overwrite to replace them (or choose another --data_dir)")
+    for flag in ("source_dir", "mask_dir", "labels", "train_ids", "test_ids"):
+        value = getattr(args, flag)
+        for entry in SPLIT_ENTRIES:
+            if value and _inside(value, data_dir / entry):
+                raise UsageError(f"--{flag} {value} is inside {data_dir / entry}, which the new split replaces; "
+                                 f"move it out of {data_dir} first (or choose another --data_dir)")
+
+
+def open_output_folder(data_dir):
+    """Make data_dir if needed and prove it writable now, not after minutes of decoding. Returns whether
+    this run created it (then main removes it again if the run fails before writing anything)."""
+    created = not data_dir.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / f".write_test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to output folder {data_dir}: {e.strerror or e}") from None
+    _remove_stale_work_folders(data_dir)
+    return created
 
 
 def _remove_stale_work_folders(data_dir):
@@ -639,6 +471,171 @@ def _remove_stale_work_folders(data_dir):
                 shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
+
+
+def use_demo_source(args, data_dir):
+    """--demo: write the procedural set and point the flags at it, so it takes the same path as real data.
+    Flags the user gave (--mask_dir, --labels) still win."""
+    src = Path(args.source_dir) if args.source_dir else data_dir / "demo_source"
+    print(f"generating {args.demo} demo images in {src} ...")
+    img_dir, mask_dir, labels_path = make_demo_dataset(src, args.demo, args.seed)
+    args.source_dir = str(img_dir)
+    args.mask_dir = args.mask_dir or str(mask_dir)
+    args.labels = args.labels or str(labels_path)
+
+
+class Skipped(Counter):
+    """Why inputs were left out, counted for the summary. Each is named on stderr as it happens, so a
+    user can find the file; a count alone would not say which one."""
+
+    def add(self, reason, message):
+        self[reason] += 1
+        print(f"skipping {message}", file=sys.stderr)
+
+
+def collect_images(source_dir, skipped):
+    """{stem: path} of the source images. Pairs, labels and outputs are all keyed by stem, so a second
+    file with the same stem is skipped rather than silently overwriting the first."""
+    if source_dir is None:
+        raise UsageError("--source_dir is required (or use --demo N for a generated demo set)")
+    source_dir = Path(source_dir)
+    if not source_dir.is_dir():
+        raise UsageError(f"source folder {source_dir} does not exist or is not a folder")
+    images = {}
+    for p in sorted(source_dir.iterdir()):
+        if p.is_dir():
+            continue
+        if not p.is_file():  # a FIFO or device would block or flood the reader; a dangling link has nothing
+            skipped.add("not a regular file", f"{p}: not a regular file")
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.add(f"not {EXTENSION_LIST}", f"{p}: not a {EXTENSION_LIST} file")
+        elif p.stem in images:
+            skipped.add("duplicate stem", f"{p}: same stem as {images[p.stem]}")
+        else:
+            images[p.stem] = p
+    if not images:
+        raise UsageError(f"no {EXTENSION_LIST} images in {source_dir}")
+    return images
+
+
+def pair_masks(images, mask_dir, skipped):
+    """{stem: mask path} from --mask_dir ({} when masks are to be generated). An image without its mask
+    is dropped from images: generating one for it would mix two kinds of mask in one split."""
+    if not mask_dir:
+        return {}
+    if not Path(mask_dir).is_dir():
+        raise UsageError(f"mask folder {mask_dir} does not exist or is not a folder")
+    index = _mask_index(mask_dir)
+    masks = {}
+    for stem in list(images):
+        if stem in index:
+            masks[stem] = index[stem]
+        else:
+            skipped.add("no mask", f"{images.pop(stem)}: no mask for '{stem}' in {mask_dir}")
+    return masks
+
+
+def pair_labels(images, labels_path, skipped):
+    """{stem: (class, lesion id or None)} from --labels, or None without it. An unlabelled image is
+    dropped from images: the split is stratified by class and labels.csv must cover every pair."""
+    if not labels_path:
+        return None
+    try:
+        labels = read_label_table(labels_path)
+    except OSError as e:
+        raise UsageError(describe_os_error(e)) from None
+    for stem in list(images):
+        if stem not in labels:
+            skipped.add("no label", f"{images.pop(stem)}: no label for '{stem}' in {labels_path}")
+    return labels
+
+
+def apply_id_lists(images, train_path, test_path, skipped):
+    """(train ids or None, test ids or None, how many listed ids have no image). With both lists, an
+    image in neither is dropped: the user chose the split, and guessing a side for it would change it."""
+    try:
+        train_ids = set(read_id_list(train_path)) if train_path else None
+        test_ids = set(read_id_list(test_path)) if test_path else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the id list: {describe_os_error(e) if isinstance(e, OSError) else e}") from None
+    if train_ids is not None and test_ids is not None:
+        both = train_ids & test_ids
+        if both:
+            raise UsageError(f"{len(both)} ids are in both --train_ids and --test_ids, e.g. {sorted(both)[0]}")
+        for stem in list(images):
+            if stem not in train_ids and stem not in test_ids:
+                images.pop(stem)
+                skipped["in neither id list"] += 1  # expected with lists; one line each would drown the log
+        return train_ids, test_ids, len((train_ids | test_ids) - set(images))
+    return train_ids, test_ids, len((train_ids or test_ids or set()) - set(images))
+
+
+def process_pairs(images, masks, out_dir, args, skipped):
+    """Decode, mask, square and resize every pair into out_dir/{originals,masks} on a thread pool
+    (OpenCV and PIL release the GIL). Returns (stems written, Counter of 'gt'/'generated' masks).
+    A failed write stops the other workers: a split with silently missing pairs is worse than none."""
+    for sub in ("originals", "masks"):
+        (out_dir / sub).mkdir(parents=True)
+    print(f"processing {len(images)} images from {Path(args.source_dir)} with {args.num_workers} workers "
+          f"(masks: {'ground truth from ' + args.mask_dir if args.mask_dir else args.mask_method + ' segmentation'})")
+    if args.num_workers > 1:
+        cv2.setNumThreads(1)  # the pool already uses the cores; nested OpenCV threads only contend
+    failed = threading.Event()
+
+    def work(stem):
+        if failed.is_set():  # a write already failed: the run is lost, stop spending time on it
+            return stem, ("aborted", "", [])
+        try:
+            return stem, process_pair(images[stem], masks.get(stem), out_dir, args.img_size, args.mask_method,
+                                      args.resize)
+        except BaseException:
+            failed.set()
+            raise
+
+    stems = sorted(images)
+    if args.num_workers > 1:
+        with ThreadPoolExecutor(args.num_workers) as pool:
+            results = list(pool.map(work, stems))
+    else:
+        results = [work(s) for s in stems]
+    good, source_count = [], Counter()
+    for stem, (status, msg, notes) in results:  # reported in stem order, whatever order the threads finished in
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        if status in ("gt", "generated"):
+            good.append(stem)
+            source_count[status] += 1
+        else:
+            skipped.add(status, msg)
+    if not good:
+        raise UsageError(f"nothing usable: all {len(images)} candidate images were skipped (see messages above)")
+    return good, source_count
+
+
+def split_pairs(good, labels, train_ids, test_ids, args):
+    """(train, test) stems. An id list decides where given; otherwise a seeded split, stratified by
+    class and keeping each lesion's images on one side when labels say so."""
+    if train_ids is not None:
+        return [s for s in good if s in train_ids], [s for s in good if s not in train_ids]
+    if test_ids is not None:
+        return [s for s in good if s not in test_ids], [s for s in good if s in test_ids]
+    cls = {s: labels[s][0] for s in good} if labels else None
+    groups = {s: labels[s][1] for s in good if labels[s][1]} if labels else None
+    return split_ids(good, args.test_split, args.seed, cls, groups)
+
+
+def write_split(stage, data_dir, train, test, labels):
+    """Sort the staged pairs (stage/all) into stage/train and stage/test, add labels.csv, and only then
+    swap the finished split into data_dir."""
+    for split, split_stems in (("train", train), ("test", test)):
+        for sub in ("originals", "masks"):
+            (stage / split / sub).mkdir(parents=True, exist_ok=True)
+            for s in split_stems:
+                os.replace(stage / "all" / sub / f"{s}.png", stage / split / sub / f"{s}.png")
+    if labels:
+        write_csv(str(stage / LABELS_FILE), ("image_id", "label", "split"),
+                  [(s, labels[s][0], split) for split, ss in (("train", train), ("test", test)) for s in ss])
+    _swap_in(stage, data_dir)
 
 
 def _swap_in(stage, data_dir):
@@ -667,217 +664,14 @@ def _swap_in(stage, data_dir):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None):
-    parser = ArgumentParser(description="Prepare mask/image pairs for the Skin Lesion PixelGAN.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source_dir", type=str, default=None, help="folder with .jpg/.jpeg/.png images (not recursive)")
-    parser.add_argument("--data_dir", type=str, default="data", help="output folder (train/, test/, labels.csv)")
-    parser.add_argument("--test_split", type=float, default=0.1, help="fraction of images (lesions when grouped) for test")
-    parser.add_argument("--seed", type=int, default=42, help="random seed for the split and the demo set")
-    parser.add_argument("--img_size", type=int, default=256, help="square working resolution")
-    parser.add_argument("--resize", choices=["squash", "crop", "pad"], default="squash",
-                        help="how a non-square image becomes square: squash (stretch, lesion shape distorted), "
-                             "crop (largest square around the lesion, shape kept), pad (mirror the short side out)")
-    parser.add_argument("--mask_dir", type=str, default=None, help="ground-truth masks: <id>.png or <id>_segmentation.png")
-    parser.add_argument("--mask_method", choices=["lesion", "otsu", "canny"], default="lesion",
-                        help="how to make masks when --mask_dir is not given")
-    parser.add_argument("--labels", type=str, default=None,
-                        help="labels CSV (HAM10000, ISIC 2017/2018/2019, isic-cli metadata or image_id,label)")
-    parser.add_argument("--train_ids", type=str, default=None, help="file with one training id per line")
-    parser.add_argument("--test_ids", type=str, default=None, help="file with one test id per line")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing split in --data_dir (only once the new one is complete)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
-    parser.add_argument("--demo", type=int, default=0, metavar="N",
-                        help="generate N procedural lesion images into --source_dir (new or empty; default "
-                             "DATA/demo_source) and use them")
-    args = parser.parse_args(argv)
-    try:
-        check_ranges(args, LIMITS)
-    except UsageError as e:
-        die(str(e))
-    data_dir = Path(args.data_dir)
-
-    # refuse early, before any slow work: two splits mixed in one folder would leak test images into training
-    existing = [e for e in SPLIT_ENTRIES if (data_dir / e).exists()]
-    if existing and not args.overwrite:
-        die(f"{data_dir} already holds {' and '.join(e + ('' if '.' in e else '/') for e in existing)}; pass "
-            f"--overwrite to replace them (or choose another --data_dir)")
-    # whatever the new split replaces must not be where its input comes from
-    for flag in ("source_dir", "mask_dir", "labels", "train_ids", "test_ids"):
-        value = getattr(args, flag)
-        for entry in SPLIT_ENTRIES:
-            if value and _inside(value, data_dir / entry):
-                die(f"--{flag} {value} is inside {data_dir / entry}, which the new split replaces; "
-                    f"move it out of {data_dir} first (or choose another --data_dir)")
-    created = not data_dir.exists()
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / f".write_test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        die(f"cannot write to output folder {data_dir}: {e.strerror or e}")
-    _remove_stale_work_folders(data_dir)
-    stage = data_dir / f".staging-{os.getpid()}"
-    try:
-        return _prepare(args, data_dir, stage)
-    except OSError as e:
-        die(f"{describe_os_error(e)}; nothing in {data_dir} was changed")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            try:
-                data_dir.rmdir()  # only if the run left it empty (it failed before writing anything)
-            except OSError:
-                pass
-
-
-def _prepare(args, data_dir, stage):
-    if args.demo:
-        src = Path(args.source_dir) if args.source_dir else data_dir / "demo_source"
-        print(f"generating {args.demo} demo images in {src} ...")
-        try:
-            img_dir, mask_dir, labels_path = make_demo_dataset(src, args.demo, args.seed)
-        except UsageError as e:
-            die(str(e))
-        args.source_dir = str(img_dir)
-        args.mask_dir = args.mask_dir or str(mask_dir)
-        args.labels = args.labels or str(labels_path)
-    if args.source_dir is None:
-        die("--source_dir is required (or use --demo N for a generated demo set)")
-    source_dir = Path(args.source_dir)
-    if not source_dir.is_dir():
-        die(f"source folder {source_dir} does not exist or is not a folder")
-
-    skipped = Counter()
-
-    def skip(key, msg):
-        skipped[key] += 1
-        print(f"skipping {msg}", file=sys.stderr)
-
-    images = {}
-    for p in sorted(source_dir.iterdir()):
-        if p.is_dir():
-            continue
-        if not p.is_file():  # a FIFO or device would block or flood the reader; a dangling link has nothing
-            skip("not a regular file", f"{p}: not a regular file")
-        elif p.suffix.lower() not in IMAGE_EXTS:
-            skip("not .jpg/.jpeg/.png", f"{p}: not a .jpg/.jpeg/.png file")
-        elif p.stem in images:
-            skip("duplicate stem", f"{p}: same stem as {images[p.stem]}")
-        else:
-            images[p.stem] = p
-    if not images:
-        die(f"no .jpg/.jpeg/.png images in {source_dir}")
-
-    masks = {}
-    if args.mask_dir:
-        if not Path(args.mask_dir).is_dir():
-            die(f"mask folder {args.mask_dir} does not exist or is not a folder")
-        index = _mask_index(args.mask_dir)
-        for stem in list(images):
-            if stem in index:
-                masks[stem] = index[stem]
-            else:
-                skip("no mask", f"{images.pop(stem)}: no mask for '{stem}' in {args.mask_dir}")
-
-    labels = None
-    if args.labels:
-        try:
-            labels = read_labels(args.labels)
-        except (OSError, ValueError) as e:
-            die(describe_os_error(e) if isinstance(e, OSError) else str(e))
-        for stem in list(images):
-            if stem not in labels:
-                skip("no label", f"{images.pop(stem)}: no label for '{stem}' in {args.labels}")
-
-    try:
-        train_ids = set(read_id_list(args.train_ids)) if args.train_ids else None
-        test_ids = set(read_id_list(args.test_ids)) if args.test_ids else None
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"cannot read the id list: {describe_os_error(e) if isinstance(e, OSError) else e}")
-    if train_ids is not None and test_ids is not None:
-        both = train_ids & test_ids
-        if both:
-            die(f"{len(both)} ids are in both --train_ids and --test_ids, e.g. {sorted(both)[0]}")
-        for stem in list(images):
-            if stem not in train_ids and stem not in test_ids:
-                images.pop(stem)
-                skipped["in neither id list"] += 1  # expected with lists; one line each would drown the log
-        listed_missing = len((train_ids | test_ids) - set(images))
-    else:
-        listed_missing = len((train_ids or test_ids or set()) - set(images))
-
-    # The new split is built in a staging folder inside data_dir and swapped in only when complete, so an
-    # unusable input, a full disk or Ctrl-C leaves the existing split as it was.
-    shutil.rmtree(stage, ignore_errors=True)
-    for sub in ("originals", "masks"):
-        (stage / "all" / sub).mkdir(parents=True)
-
-    print(f"processing {len(images)} images from {source_dir} with {args.num_workers} workers "
-          f"(masks: {'ground truth from ' + args.mask_dir if args.mask_dir else args.mask_method + ' segmentation'})")
-    if args.num_workers > 1:
-        cv2.setNumThreads(1)  # the pool already uses the cores; nested OpenCV threads only contend
-    failed = threading.Event()
-
-    def work(stem):
-        if failed.is_set():  # a write already failed: the run is lost, stop spending time on it
-            return stem, ("aborted", "", [])
-        try:
-            return stem, process_pair(images[stem], masks.get(stem), stage / "all", args.img_size, args.mask_method,
-                                      args.resize)
-        except BaseException:
-            failed.set()
-            raise
-
-    stems = sorted(images)
-    if args.num_workers > 1:
-        with ThreadPoolExecutor(args.num_workers) as pool:
-            results = list(pool.map(work, stems))
-    else:
-        results = [work(s) for s in stems]
-    good, source_count = [], Counter()
-    for stem, (status, msg, notes) in results:
-        for wmsg in notes:
-            print(f"warning: {wmsg}", file=sys.stderr)
-        if status in ("gt", "generated"):
-            good.append(stem)
-            source_count[status] += 1
-        else:
-            skip(status, msg)
-    if not good:
-        die(f"nothing usable: all {len(images)} candidate images were skipped (see messages above)")
-
-    if train_ids is not None or test_ids is not None:
-        if train_ids is not None:
-            train = [s for s in good if s in train_ids]
-            test = [s for s in good if s not in train_ids]
-        else:
-            test = [s for s in good if s in test_ids]
-            train = [s for s in good if s not in test_ids]
-    else:
-        cls = {s: labels[s][0] for s in good} if labels else None
-        groups = {s: labels[s][1] for s in good if labels[s][1]} if labels else None
-        train, test = split_ids(good, args.test_split, args.seed, cls, groups)
-
-    for split, split_stems in (("train", train), ("test", test)):
-        for sub in ("originals", "masks"):
-            (stage / split / sub).mkdir(parents=True, exist_ok=True)
-            for s in split_stems:
-                os.replace(stage / "all" / sub / f"{s}.png", stage / split / sub / f"{s}.png")
-    if labels:
-        write_csv(str(stage / LABELS_FILE), ("image_id", "label", "split"),
-                  [(s, labels[s][0], split) for split, ss in (("train", train), ("test", test)) for s in ss])
-    _swap_in(stage, data_dir)
-
-    # summary
+def print_summary(data_dir, args, train, test, source_count, labels, listed_missing, skipped):
+    """What was written and what was left out, so a surprising split shows before training on it."""
     print(f"\nwrote {len(train) + len(test)} pairs to {data_dir}: train {len(train)}, test {len(test)} "
           f"({args.img_size}x{args.img_size})")
     print(f"masks: {source_count['gt']} ground truth, {source_count['generated']} generated"
           + (f" ({args.mask_method})" if source_count["generated"] else ""))
     if labels:
-        classes = sorted({labels[s][0] for s in good})
+        classes = sorted({labels[s][0] for s in train + test})
         width = max(len(c) for c in classes)
         print(f"{'class':<{width}}  train   test")
         for c in classes:
@@ -889,6 +683,38 @@ def _prepare(args, data_dir, stage):
         print(f"skipped {sum(skipped.values())} files: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     else:
         print("skipped nothing")
+
+
+def main(argv=None):
+    """Returns 0; a refusal raises UsageError, which run_cli turns into one error line and status 1."""
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    refuse_early(args, data_dir)
+    created = open_output_folder(data_dir)
+    # The new split is built in a staging folder inside data_dir (same file system, so the final swap
+    # is renames only) and swapped in when complete: an unusable input, a full disk or Ctrl-C leaves
+    # the existing split as it was.
+    stage = data_dir / f".staging-{os.getpid()}"
+    try:
+        if args.demo:
+            use_demo_source(args, data_dir)
+        skipped = Skipped()
+        images = collect_images(args.source_dir, skipped)
+        masks = pair_masks(images, args.mask_dir, skipped)
+        labels = pair_labels(images, args.labels, skipped)
+        train_ids, test_ids, listed_missing = apply_id_lists(images, args.train_ids, args.test_ids, skipped)
+        shutil.rmtree(stage, ignore_errors=True)  # a killed run whose pid this one reuses may have left it
+        good, source_count = process_pairs(images, masks, stage / "all", args, skipped)
+        train, test = split_pairs(good, labels, train_ids, test_ids, args)
+        write_split(stage, data_dir, train, test, labels)
+    except OSError as e:
+        raise UsageError(f"{describe_os_error(e)}; nothing in {data_dir} was changed") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()  # only if the run left it empty (it failed before writing anything)
+    print_summary(data_dir, args, train, test, source_count, labels, listed_missing, skipped)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Train the PixelGAN: residual U-Net generator + conditional PatchGAN, LSGAN + lambda * L1.
+"""Train the PixelGAN: residual U-Net generator against a conditional PatchGAN and a projected critic,
+LSGAN + lambda * L1.
 
     python train.py --data_dir data --batch_size 32 --amp --n_epochs 150 --img_size 128
     python train.py --resume pixelgan_models/<TIMESTAMP>            # continue a stopped run
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_pa
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
-ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--lambda_lpips", "0", "--gan_loss", "lsgan",
-                   "--upsample", "transpose", "--no-noise_injection", "--noise_dim", "0"]
+ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--lambda_lpips", "0", "--upsample", "transpose",
+                   "--style_dim", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 
@@ -49,8 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--lambda_l1", type=float, default=100.0)
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
-    p.add_argument("--lambda_fm", type=float, default=0.0, help="weight of the discriminator feature-matching loss (pix2pixHD)")
-    p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan")
     p.add_argument("--lr_decay_start", type=float, default=1.0,
                    help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
     p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of G used for sampling (0: off)")
@@ -68,21 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
-    p.add_argument("--d_spectral_norm", action="store_true")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
-    p.add_argument("--noise_dim", type=int, default=models.DEFAULT_CONFIG["noise_dim"], help="size of the style code z: N(0, I), or learned with --style_encoder")
-    p.add_argument("--style_encoder", action="store_true",
-                   help="learn the style code from the real image (cVAE, BicycleGAN); needs --noise_dim, e.g. 8")
-    p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term (with --style_encoder)")
-    p.add_argument("--noise_injection", action=argparse.BooleanOptionalAction, default=models.DEFAULT_CONFIG["noise_injection"],
-                   help="per-pixel noise in the decoder for texture")
-    # speed
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--style_dim", type=int, default=0,
+                   help="size of a style code learned from the real image (cVAE, BicycleGAN), e.g. 8; sampling draws the "
+                        "codes of training images of the rendered class; generate.py --style_image needs it (0: none)")
+    p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term")
+    # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (slow start, faster steps)")
-    p.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel (else foreach)")
-    p.add_argument("--freeze_d", action=argparse.BooleanOptionalAction, default=True,
-                   help="no D weight gradients in the G step (--no-freeze_d only to measure what it saves)")
     p.add_argument("--local_bn", action="store_true", help="under DDP keep per-process BatchNorm statistics (default: SyncBatchNorm on CUDA)")
     # bookkeeping
     p.add_argument("--resume", default="", help="a run folder pixelgan_models/<TIMESTAMP> (or its last.pth) to continue")
@@ -101,8 +93,7 @@ def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
         img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
-        d_spectral_norm=args.d_spectral_norm, d_scales=args.d_scales, projected_d=args.projected_d,
-        noise_dim=args.noise_dim, style_encoder=args.style_encoder, noise_injection=args.noise_injection,
+        d_scales=args.d_scales, projected_d=args.projected_d, noise_dim=args.style_dim, style_encoder=args.style_dim > 0,
         n_classes=len(classes), classes=list(classes))
 
 
@@ -156,22 +147,15 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(scores, is_real, mode, for_generator=False, n_patch_maps=None):
-    """LSGAN or hinge loss of the discriminator's score maps: the mean over the PatchGAN's scales (the
-    first n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest)."""
+def gan_loss(scores, is_real, n_patch_maps=None):
+    """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
+    n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
+    each critic weighs the same however many scales it has."""
     if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
-        return (gan_loss(scores[:n_patch_maps], is_real, mode, for_generator)
-                + gan_loss(scores[n_patch_maps:], is_real, mode, for_generator))
-    losses = []
-    for prediction in scores:
-        prediction = prediction.float()  # losses in fp32 whatever the autocast dtype
-        if mode == "lsgan":
-            losses.append(F.mse_loss(prediction, torch.full_like(prediction, 1.0 if is_real else 0.0)))
-        elif for_generator:
-            losses.append(-prediction.mean())
-        else:
-            losses.append(F.relu(1.0 - prediction).mean() if is_real else F.relu(1.0 + prediction).mean())
-    return sum(losses) / len(losses)
+        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
+    target = 1.0 if is_real else 0.0
+    # fp32 losses whatever the autocast dtype
+    return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
 
 
 def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_size=1):
@@ -183,31 +167,60 @@ def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_
                                        persistent_workers=num_workers > 0)
 
 
-def make_optimizer(params, args):
+def make_optimizer(params, args, fused=True):
     # fused Adam: one kernel for all parameters instead of a loop over tensors (CUDA and CPU).
-    return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, 0.999),
-                            fused=args.fused_adam, foreach=not args.fused_adam)
+    return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, 0.999), fused=fused, foreach=not fused)
 
 
-def build_trainer(config, args, device, world_size=1):
-    """Networks, optimizers, loss scaler and EMA: everything train_step needs (bench.py uses it too)."""
+@dataclass
+class Trainer:
+    """Everything train_step needs: the networks (and their DDP / compiled wrappers), optimizers, loss
+    scaler, loss weights and counters. bench.py builds one too."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    E: torch.nn.Module | None  # style encoder
+    G_params: list  # G's and E's: the encoder learns from G's loss, in G's optimizer
+    config: dict
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    memory_format: torch.memory_format
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lambda_l1: float
+    lambda_kl: float
+    lambda_lpips: float
+    lpips: torch.nn.Module | None
+    diffaug: str
+    freeze_D: bool
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    G_train: torch.nn.Module | None = None  # what the training step calls: DDP and/or compiled wrappers
+    D_train: torch.nn.Module | None = None
+    E_train: torch.nn.Module | None = None
+    D_plain: torch.nn.Module | None = None  # D without DDP's gradient hooks, for the G step
+    bad_steps: int = 0  # consecutive steps skipped for non-finite losses or gradients
+    step: int = 0
+
+
+def build_trainer(config, args, device, world_size=1, channels_last=True, fused_adam=True, freeze_d=True):
+    """The Trainer for a config and train.py's flags. The keyword switches exist for bench.py, which
+    measures what each speed measure buys; training always takes the fast path."""
     G, D = models.build_generator(config), models.build_discriminator(config)
     E = models.build_style_encoder(config)
     if world_size > 1 and device.type == "cuda" and config["norm"] == "batch" and not args.local_bn:
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_params = list(G.parameters())
     if E is not None:
         E = E.to(device, memory_format=memory_format)
         G_params += list(E.parameters())  # the encoder learns from G's loss, in G's optimizer
     dtype = models.autocast_dtype(device, args.amp, args.amp_dtype)
-    trainer = SimpleNamespace(
+    trainer = Trainer(
         G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
-        opt_G=make_optimizer(G_params, args), opt_D=make_optimizer(D.parameters(), args),
+        opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        ema=None, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm, lambda_kl=args.lambda_kl, gan_loss=args.gan_loss,
-        diffaug=args.diffaug, freeze_D=args.freeze_d, bad_steps=0, step=0,
+        lambda_l1=args.lambda_l1, lambda_kl=args.lambda_kl, diffaug=args.diffaug, freeze_D=freeze_d,
         lambda_lpips=args.lambda_lpips, lpips=models.load_perceptual_loss().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.ema > 0:
@@ -267,21 +280,15 @@ def train_step(t, masks, reals, class_planes=None):
         d_real = t.D_train(*diff_augment(cond, reals, policy=t.diffaug))
         d_fake = t.D_train(*diff_augment(cond, fakes.detach(), policy=t.diffaug))
     n_patch = t.D.n_patch_maps
-    loss_D = 0.5 * (gan_loss(d_real, True, t.gan_loss, n_patch_maps=n_patch) + gan_loss(d_fake, False, t.gan_loss, n_patch_maps=n_patch))
+    loss_D = 0.5 * (gan_loss(d_real, True, n_patch) + gan_loss(d_fake, False, n_patch))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
     # and calling the plain module keeps DDP from waiting for gradients that never come.
     t.D.requires_grad_(not t.freeze_D)
     with mixed:
-        cond_aug, fakes_aug, reals_aug = diff_augment(cond, fakes, reals, policy=t.diffaug)
-        if t.lambda_fm > 0:
-            d_fake_for_G, fake_features = t.D_plain(cond_aug, fakes_aug, return_features=True)
-            with torch.no_grad():
-                _, real_features = t.D_plain(cond_aug, reals_aug, return_features=True)
-        else:
-            d_fake_for_G = t.D_plain(cond_aug, fakes_aug)
-    loss_G_gan = gan_loss(d_fake_for_G, True, t.gan_loss, for_generator=True, n_patch_maps=n_patch)
+        d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
+    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
     loss_G_l1 = F.l1_loss(fakes.float(), reals.float())
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
@@ -289,9 +296,6 @@ def train_step(t, masks, reals, class_planes=None):
             loss_G = loss_G + t.lambda_lpips * t.lpips(fakes, reals).float().mean()
     if loss_kl is not None:
         loss_G = loss_G + t.lambda_kl * loss_kl
-    if t.lambda_fm > 0:
-        # Matching D's features of the same (augmented) real image gives G a dense texture signal.
-        loss_G = loss_G + t.lambda_fm * sum(F.l1_loss(f.float(), r.float()) for f, r in zip(fake_features, real_features))
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G_params, "G")
     t.D.requires_grad_(True)
     if not t.freeze_D:
@@ -335,7 +339,7 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
 
 
 @torch.inference_mode()
-def evaluate(t, test_set, batch_size, out_dir=None, epoch=0):
+def test_scores(t, test_set, batch_size, out_dir=None, epoch=0):
     """Mean L1 ([-1, 1] units), PSNR and SSIM over the test split; writes the first test images."""
     from metrics import paired_metrics
     G = sampling_generator(t)
@@ -396,8 +400,8 @@ TRAIN_LIMITS = {
     "eval_freq": Range(1), "save_freq": Range(1), "log_freq": Range(1), "max_bad_steps": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "seed": Range(0, 2 ** 63 - 1), "ngf": Range(1, 1024), "ndf": Range(1, 512),
-    "d_scales": Range(1, 8), "noise_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "lambda_lpips": Range(0, 1e6),
-    "lambda_fm": Range(0, 1e6), "lambda_kl": Range(0, 1e6),
+    "d_scales": Range(1, 8), "style_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "lambda_lpips": Range(0, 1e6),
+    "lambda_kl": Range(0, 1e6),
 }
 DIFFAUG_POLICIES = {"color", "translation", "cutout"}
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
@@ -496,6 +500,10 @@ def check_training_state(state, path):
     models.check_weights(models.Discriminator, config, state.get("discriminator"), path, "discriminator")
 
 
+# Training flags that lost their ablations (README, Results) and were removed, with the value that meant off;
+# a run saved with one of them on cannot be continued as it was.
+REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0}
+
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile",
                     "data_dir", "outputs_dir")
@@ -517,7 +525,13 @@ def resolve_resume(args, parser, argv):
     given = {a.dest for a in parser._actions
              if any(tok == opt or tok.startswith(opt + "=") for tok in tokens for opt in a.option_strings)}
     defaults = vars(parser.parse_args([]))
+    for name, off in REMOVED_FLAGS.items():
+        if state["args"].get(name, off) != off:
+            raise UsageError(f"{path}: trained with --{name} {state['args'][name]}, an option this version no longer has "
+                             f"(it lost its ablation); resume it with a version from before November 2026")
     saved = {k: v for k, v in state["args"].items() if k in defaults}
+    if "style_dim" not in saved and state["args"].get("style_encoder"):  # saved before --style_dim replaced these two
+        saved["style_dim"] = state["args"].get("noise_dim", 0)
     for name, value in saved.items():
         if not _same_kind(value, defaults[name]):
             raise models.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
@@ -542,14 +556,16 @@ def resolve_resume(args, parser, argv):
     return resumed, state
 
 
-def main(argv=None):
+def start_or_resume(argv):
+    """(args, saved training state or None): the flags, checked, and for --resume the run's own."""
     args, parser = parse_args(argv)
     validate_args(args, resuming=bool(args.resume))
-    state = None
     if args.resume:
-        args, state = resolve_resume(args, parser, argv)
-    device, rank, world_size = setup_distributed(args.device)
-    master = rank == 0
+        return resolve_resume(args, parser, argv)
+    return args, None
+
+
+def configure_backends(args, device, rank):
     if device.type == "cuda":
         # Autotuned cuDNN kernels and TF32 matmuls are the fast path; --deterministic trades them for
         # bit-repeatable runs (CPU runs are repeatable either way).
@@ -558,180 +574,234 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     torch.manual_seed(args.seed + rank)  # different dropout per rank; weights come from rank 0 via DDP
 
-    # ---- data
+
+def load_splits(args, master):
+    """(classes, train set, test set or None): every pair decoded once; the test split on rank 0 only."""
     labels = read_labels(args.data_dir)
     classes = sorted(set(labels.values())) if args.conditional else []
     if args.conditional and not classes:
-        sys.exit(f"error: --conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
-    config = state["config"] if state else model_config(args, classes)
+        raise UsageError(f"--conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
     train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True,
                               labels=labels, classes=classes, num_workers=max(args.num_workers, 1))
     if not train_set.has_images:
-        sys.exit(f"error: {os.path.join(args.data_dir, 'train', 'originals')}: no real images paired with the masks")
+        raise UsageError(f"{os.path.join(args.data_dir, 'train', 'originals')}: no real images paired with the masks")
     test_dir = os.path.join(args.data_dir, "test")
     test_set = PairedDataset(test_dir, args.img_size, labels=labels, classes=classes,
                              num_workers=max(args.num_workers, 1)) if master and os.path.isdir(test_dir) else None
     for split in (train_set, test_set):
         if args.conditional and split is not None and (split.labels < 0).any():
             missing = split.names[int((split.labels < 0).nonzero()[0])]
-            sys.exit(f"error: {os.path.join(args.data_dir, 'labels.csv')}: no label for {split.folder} image {missing}")
-    batch_size = args.batch_size
-    if len(train_set) < batch_size * world_size:
-        batch_size = max(1, len(train_set) // world_size)
-        if master:
-            print(f"warning: only {len(train_set)} training pairs in {os.path.join(args.data_dir, 'train')}: "
-                  f"batch size {batch_size} per process instead of {args.batch_size}", file=sys.stderr)
-    loader = make_loader(train_set, batch_size, args.num_workers, args.seed, device, rank, world_size)
-    sampler = loader.sampler
+            raise UsageError(f"{os.path.join(args.data_dir, 'labels.csv')}: no label for {split.folder} image {missing}")
+    return classes, train_set, test_set
 
-    # ---- model
-    t = build_trainer(config, args, device, world_size)
+
+def per_process_batch(args, train_set, world_size, master):
+    if len(train_set) >= args.batch_size * world_size:
+        return args.batch_size
+    batch_size = max(1, len(train_set) // world_size)
+    if master:
+        print(f"warning: only {len(train_set)} training pairs in {os.path.join(args.data_dir, 'train')}: "
+              f"batch size {batch_size} per process instead of {args.batch_size}", file=sys.stderr)
+    return batch_size
+
+
+def make_schedulers(t, args):
+    """Constant learning rate, then (from lr_decay_start x n_epochs on) a linear decay to 0, as pix2pix."""
     decay_from = int(args.lr_decay_start * args.n_epochs)
     decay = lambda e: 1.0 - max(0, e - decay_from) / max(1, args.n_epochs - decay_from)  # noqa: E731
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (t.opt_G, t.opt_D)]
-    start_epoch = 1
-    if state:
-        t.G.load_state_dict(state["generator_train"])
-        t.D.load_state_dict(state["discriminator"])
-        if t.E is not None:
-            t.E.load_state_dict(state["style_encoder"])
-        if t.ema is not None:
-            t.ema.load_state_dict(state["ema"])
-        t.opt_G.load_state_dict(state["opt_G"])
-        t.opt_D.load_state_dict(state["opt_D"])
-        t.scaler.load_state_dict(state["scaler"])
-        schedulers[0].load_state_dict(state["sched_G"])
-        schedulers[1].load_state_dict(state["sched_D"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        t.step, start_epoch = state["step"], state["epoch"] + 1
+    return [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (t.opt_G, t.opt_D)]
 
-    # ---- run folders: one name for every rank
-    if state:
+
+def restore_training_state(t, schedulers, state):
+    """The mirror of save_checkpoints: the trainer and schedulers as they were after the saved epoch.
+    Returns the first epoch still to train."""
+    t.G.load_state_dict(state["generator_train"])
+    t.D.load_state_dict(state["discriminator"])
+    if t.E is not None:
+        t.E.load_state_dict(state["style_encoder"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    t.opt_G.load_state_dict(state["opt_G"])
+    t.opt_D.load_state_dict(state["opt_D"])
+    t.scaler.load_state_dict(state["scaler"])
+    schedulers[0].load_state_dict(state["sched_G"])
+    schedulers[1].load_state_dict(state["sched_D"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if t.device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], t.device)
+    t.step = state["step"]
+    return state["epoch"] + 1
+
+
+def run_folders(args, resuming, master, world_size):
+    """(name, model folder, output folder): the resumed run's, or new ones that rank 0 claims and
+    every other rank learns the name of (or why there is none)."""
+    if resuming:
         model_dir = os.path.dirname(os.path.abspath(args.resume))
-        run_name = os.path.basename(model_dir)
-        out_dir = os.path.join(args.outputs_dir, run_name)
-    else:
-        # rank 0 claims new folders; the others learn the name, or why there is none, from it
-        claimed = [None, None]
-        if master:
-            try:
-                claimed[0] = claim_run_folders(args.models_dir, args.outputs_dir, args.run_name)
-            except UsageError as e:
-                claimed[1] = str(e)
-            except OSError as e:
-                claimed[1] = f"cannot create the run folders: {describe_os_error(e)}"
-        if world_size > 1:
-            dist.broadcast_object_list(claimed, src=0)
-        if claimed[1]:
-            raise UsageError(claimed[1])
-        run_name, model_dir, out_dir = claimed[0]
-    RUN["model_dir"] = model_dir
-    writer = None
+        return os.path.basename(model_dir), model_dir, os.path.join(args.outputs_dir, os.path.basename(model_dir))
+    claimed = [None, None]
     if master:
         try:
-            os.makedirs(model_dir, exist_ok=True)
-            os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+            claimed[0] = claim_run_folders(args.models_dir, args.outputs_dir, args.run_name)
+        except UsageError as e:
+            claimed[1] = str(e)
         except OSError as e:
-            raise UsageError(f"cannot create the run folders: {describe_os_error(e)}") from None
-        for name in os.listdir(model_dir):
-            if ".pth.tmp" in name or name.startswith(".tmp"):  # a save killed mid-write; what it replaced is intact
-                os.remove(os.path.join(model_dir, name))
-        with atomic_path(os.path.join(model_dir, "config.json")) as tmp, open(tmp, "w") as f:
-            json.dump({"config": config, "args": vars(args)}, f, indent=2)
-        metrics_path = os.path.join(out_dir, "metrics.csv")
-        keep = []
-        if state and os.path.exists(metrics_path):  # rows past the resumed epoch belong to the lost part
-            with open(metrics_path, newline="") as f:
-                keep = [row for row in csv.DictReader(f) if (row.get("epoch") or "").isdigit() and int(row["epoch"]) < start_epoch]
-        with atomic_path(metrics_path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, METRICS_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(keep)
-        if not args.no_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=t.step if state else None)
-        print(f"run {run_name}: {len(train_set)} training pairs, {len(test_set) if test_set else 0} test pairs, "
+            claimed[1] = f"cannot create the run folders: {describe_os_error(e)}"
+    if world_size > 1:
+        dist.broadcast_object_list(claimed, src=0)
+    if claimed[1]:
+        raise UsageError(claimed[1])
+    return claimed[0]
+
+
+def open_run_outputs(args, config, model_dir, out_dir, start_epoch, resume_step):
+    """Rank 0's files before the first epoch: config.json, metrics.csv (rows past a resumed epoch
+    belong to the lost part and go), the TensorBoard writer (or None). Returns (metrics path, writer)."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run folders: {describe_os_error(e)}") from None
+    for name in os.listdir(model_dir):
+        if ".pth.tmp" in name or name.startswith(".tmp"):  # a save killed mid-write; what it replaced is intact
+            os.remove(os.path.join(model_dir, name))
+    with atomic_path(os.path.join(model_dir, "config.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"config": config, "args": vars(args)}, f, indent=2)
+    metrics_path = os.path.join(out_dir, "metrics.csv")
+    keep = []
+    if resume_step is not None and os.path.exists(metrics_path):
+        with open(metrics_path, newline="") as f:
+            keep = [row for row in csv.DictReader(f) if (row.get("epoch") or "").isdigit() and int(row["epoch"]) < start_epoch]
+    with atomic_path(metrics_path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, METRICS_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(keep)
+    writer = None
+    if not args.no_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step)
+    return metrics_path, writer
+
+
+@dataclass
+class Run:
+    """Where a run's files go and what rank 0 evaluates on; the writers are rank 0's only."""
+    name: str
+    model_dir: str
+    out_dir: str
+    train_set: PairedDataset
+    test_set: PairedDataset | None
+    batch_size: int  # per process
+    metrics_path: str | None = None
+    writer: object | None = None  # TensorBoard SummaryWriter
+
+
+def train_epoch(t, loader, epoch, args, run, master):
+    """One pass over the training split. Returns the mean losses (tensors: no host sync)."""
+    for module in (t.G_train, t.D_train, t.E_train):
+        if module is not None:
+            module.train()
+    sums = {k: torch.zeros((), device=t.device) for k in ("loss_D", "loss_G_gan", "loss_G_l1")}
+    n_steps = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.n_epochs}", disable=None if master else True, leave=False, dynamic_ncols=True)
+    for batch_index, (masks, reals, labels_batch, _) in enumerate(bar):
+        masks = to_model_range(masks, t.device, t.memory_format)
+        reals = to_model_range(reals, t.device, t.memory_format)
+        planes = models.class_planes(labels_batch.to(t.device), t.config["n_classes"], masks.shape[-1])
+        losses, fakes = train_step(t, masks, reals, planes)
+        if t.bad_steps >= args.max_bad_steps:
+            raise UsageError(f"{t.bad_steps} consecutive steps with non-finite losses or gradients; "
+                             f"stopping. Lower --lr or train without --amp; resume from {run.model_dir}")
+        for k, v in losses.items():
+            sums[k] += v
+        n_steps += 1
+        if master and batch_index == 0:
+            n = min(8, masks.shape[0])
+            save_image_grid([to_uint8(masks[:n]), to_uint8(fakes[:n]), to_uint8(reals[:n])],
+                            os.path.join(run.out_dir, "samples", f"epoch_{epoch}_batch_{batch_index}.png"))
+        if master and t.step % args.log_freq == 0:  # the only host syncs of the loop
+            values = {k: v.item() for k, v in losses.items()}
+            bar.set_postfix(D=f"{values['loss_D']:.3f}", G_gan=f"{values['loss_G_gan']:.3f}", L1=f"{values['loss_G_l1']:.3f}")
+            if run.writer:
+                for k, v in values.items():
+                    run.writer.add_scalar(f"train/{k}", v, t.step)
+    bar.close()
+    return {k: v / max(n_steps, 1) for k, v in sums.items()}
+
+
+def end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers):
+    """Rank 0 after an epoch: test scores and checkpoints when due, one metrics.csv row, one log line."""
+    evaluating = run.test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
+    saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
+    if evaluating or saving:
+        refresh_style_bank(t, run.train_set.images, run.train_set.labels)
+    row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
+           **{k: v.item() for k, v in mean_losses.items()}}
+    if evaluating:
+        scores = test_scores(t, run.test_set, batch_size=max(run.batch_size, 32), out_dir=run.out_dir, epoch=epoch)
+        row.update({f"test_{k}": v for k, v in scores.items()})
+        print(f"epoch {epoch}: test L1 {scores['l1']:.4f}  PSNR {scores['psnr']:.2f}  SSIM {scores['ssim']:.4f}")
+    row["seconds"] = round(time.time() - started, 2)
+    with open(run.metrics_path, "a", newline="") as f:
+        csv.DictWriter(f, METRICS_COLUMNS).writerow(row)
+    if run.writer:
+        for k, v in row.items():
+            if k.startswith("test_"):
+                run.writer.add_scalar(f"test/{k[5:]}", v, epoch)
+        run.writer.add_scalar("train/lr", row["lr"], epoch)
+    print(f"epoch {epoch}/{args.n_epochs}: D {row['loss_D']:.4f}  G_gan {row['loss_G_gan']:.4f}  "
+          f"L1 {row['loss_G_l1']:.4f}  ({row['seconds']:.1f} s)")
+    if saving:
+        save_checkpoints(t, args, t.config, epoch, run.model_dir, schedulers, epoch_files=True)
+
+
+def main(argv=None):
+    args, state = start_or_resume(argv)
+    device, rank, world_size = setup_distributed(args.device)
+    master = rank == 0
+    configure_backends(args, device, rank)
+    classes, train_set, test_set = load_splits(args, master)
+    batch_size = per_process_batch(args, train_set, world_size, master)
+    loader = make_loader(train_set, batch_size, args.num_workers, args.seed, device, rank, world_size)
+    config = state["config"] if state else model_config(args, classes)
+    t = build_trainer(config, args, device, world_size)
+    schedulers = make_schedulers(t, args)
+    start_epoch = restore_training_state(t, schedulers, state) if state else 1
+    run = Run(*run_folders(args, bool(state), master, world_size), train_set, test_set, batch_size)
+    RUN["model_dir"] = run.model_dir
+    if master:
+        run.metrics_path, run.writer = open_run_outputs(args, config, run.model_dir, run.out_dir, start_epoch,
+                                                        t.step if state else None)
+        print(f"run {run.name}: {len(train_set)} training pairs, {len(test_set) if test_set else 0} test pairs, "
               f"{world_size} process(es) x batch {batch_size}, device {device}, "
               f"{'fp32' if t.dtype is None else str(t.dtype).replace('torch.', '')}, "
               f"G {models.count_params(t.G) / 1e6:.2f}M / D {models.count_params(t.D) / 1e6:.2f}M params"
               + (f", resuming after epoch {start_epoch - 1}" if state else ""))
 
-    # ---- train
     for epoch in range(start_epoch, args.n_epochs + 1):
-        sampler.set_epoch(epoch)
-        for module in (t.G_train, t.D_train, t.E_train):
-            if module is not None:
-                module.train()
+        loader.sampler.set_epoch(epoch)
         started = time.time()
-        sums = {k: torch.zeros((), device=device) for k in ("loss_D", "loss_G_gan", "loss_G_l1")}
-        n_steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.n_epochs}", disable=None if master else True, leave=False, dynamic_ncols=True)
-        for batch_index, (masks, reals, labels_batch, _) in enumerate(bar):
-            masks = to_model_range(masks, device, t.memory_format)
-            reals = to_model_range(reals, device, t.memory_format)
-            planes = models.class_planes(labels_batch.to(device), config["n_classes"], masks.shape[-1])
-            losses, fakes = train_step(t, masks, reals, planes)
-            if t.bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"error: {t.bad_steps} consecutive steps with non-finite losses or gradients; "
-                                 f"stopping. Lower --lr or train without --amp; resume from {model_dir}")
-            for k, v in losses.items():
-                sums[k] += v
-            n_steps += 1
-            if master and batch_index == 0:
-                n = min(8, masks.shape[0])
-                save_image_grid([to_uint8(masks[:n]), to_uint8(fakes[:n]), to_uint8(reals[:n])],
-                                os.path.join(out_dir, "samples", f"epoch_{epoch}_batch_{batch_index}.png"))
-            if master and t.step % args.log_freq == 0:
-                values = {k: v.item() for k, v in losses.items()}
-                bar.set_postfix(D=f"{values['loss_D']:.3f}", G_gan=f"{values['loss_G_gan']:.3f}", L1=f"{values['loss_G_l1']:.3f}")
-                if writer:
-                    for k, v in values.items():
-                        writer.add_scalar(f"train/{k}", v, t.step)
-        bar.close()
+        mean_losses = train_epoch(t, loader, epoch, args, run, master)
         for s in schedulers:
             s.step()
         if world_size > 1:
             # Local BatchNorm statistics drift apart between ranks; rank 0's are the ones saved and evaluated.
-            for buffer in t.G.buffers():
+            # The frozen pretrained trunk is identical everywhere and stays out of the broadcast.
+            trained = [b for name, b in t.D.named_buffers() if not name.startswith("projected.features.")]
+            for buffer in (*t.G.buffers(), *trained):
                 dist.broadcast(buffer, src=0)
-            for buffer in t.D.buffers():
-                dist.broadcast(buffer, src=0)
-
         if master:
-            evaluating = test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
-            saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
-            if evaluating or saving:
-                refresh_style_bank(t, train_set.images, train_set.labels)
-            row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
-                   **{k: (v / max(n_steps, 1)).item() for k, v in sums.items()}}
-            if evaluating:
-                scores = evaluate(t, test_set, batch_size=max(batch_size, 32), out_dir=out_dir, epoch=epoch)
-                row.update({f"test_{k}": v for k, v in scores.items()})
-                print(f"epoch {epoch}: test L1 {scores['l1']:.4f}  PSNR {scores['psnr']:.2f}  SSIM {scores['ssim']:.4f}")
-            row["seconds"] = round(time.time() - started, 2)
-            with open(metrics_path, "a", newline="") as f:
-                csv.DictWriter(f, METRICS_COLUMNS).writerow(row)
-            if writer:
-                for k, v in row.items():
-                    if k.startswith("test_"):
-                        writer.add_scalar(f"test/{k[5:]}", v, epoch)
-                writer.add_scalar("train/lr", row["lr"], epoch)
-            print(f"epoch {epoch}/{args.n_epochs}: D {row['loss_D']:.4f}  G_gan {row['loss_G_gan']:.4f}  "
-                  f"L1 {row['loss_G_l1']:.4f}  ({row['seconds']:.1f} s)")
-            if saving:
-                save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files=True)
+            end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers)
         if world_size > 1:
             dist.barrier()
 
     if master:
-        if writer:
-            writer.close()
-        print(f"done: checkpoints in {model_dir}, samples and metrics in {out_dir}")
+        if run.writer:
+            run.writer.close()
+        print(f"done: checkpoints in {run.model_dir}, samples and metrics in {run.out_dir}")
     if world_size > 1:
         dist.destroy_process_group()
-    return model_dir
+    return run.model_dir
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def test_balance_tops_up_every_class_to_the_largest(tiny_data, run_dirs, tmp_pat
 @pytest.fixture
 def style_model(tiny_data, run_dirs):
     return train.main(["--data_dir", tiny_data, *TINY_MODEL, *run_dirs, "--batch_size", "4", "--n_epochs", "1",
-                       "--conditional", "--noise_dim", "4", "--style_encoder", "--run_name", "style"])
+                       "--conditional", "--style_dim", "4", "--run_name", "style"])
 
 
 def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(style_model, tiny_data):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dataset
+import downstream
 import evaluate
 import generate
 import metrics
@@ -32,7 +33,7 @@ def cli(capsys, module, *argv, interrupted="interrupted"):
     capsys.readouterr()
     try:
         code = dataset.run_cli(lambda: module.main([str(a) for a in argv]), interrupted)
-    except SystemExit as e:  # scripts that exit themselves (argparse, preprocess.die)
+    except SystemExit as e:  # argparse exits by itself
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else 1
@@ -306,7 +307,8 @@ RANGES = [
     (train, "--save_freq", -1), (train, "--lr", "nan"), (train, "--img_size", 65536), (train, "--num_workers", -1),
     (train, "--ema", 1.5), (train, "--ngf", 10 ** 6), (train, "--seed", -1), (train, "--max_bad_steps", 0),
     (generate, "--num_images", 0), (generate, "--num_images", 10 ** 12), (generate, "--batch_size", 0),
-    (evaluate, "--seeds", 0), (evaluate, "--batch_size", -1), (evaluate, "--n_variations", 100000), (evaluate, "--epochs", 0),
+    (evaluate, "--batch_size", -1), (evaluate, "--n_variations", 100000),
+    (downstream, "--seeds", 0), (downstream, "--epochs", 0), (downstream, "--reject", 1.0), (train, "--style_dim", -1),
     (preprocess, "--test_split", 0), (preprocess, "--img_size", 10 ** 6), (preprocess, "--demo", -1),
     (preprocess, "--num_workers", -1),
 ]
@@ -315,7 +317,8 @@ RANGES = [
 @pytest.mark.parametrize("module,flag,value", RANGES, ids=[f"{m.__name__}{f}={v}" for m, f, v in RANGES])
 def test_numeric_flags_are_range_checked(tmp_path, capsys, monkeypatch, module, flag, value):
     monkeypatch.chdir(tmp_path)
-    needed = {generate: ["--model_folder", "m"], evaluate: ["--model_folder", "m"], train: [], preprocess: ["--data_dir", "d"]}
+    needed = {generate: ["--model_folder", "m"], evaluate: ["--model_folder", "m"], downstream: ["--model_folder", "m"],
+              train: [], preprocess: ["--data_dir", "d"]}
     code, err = cli(capsys, module, *needed[module], flag, value)
     refused(code, err, flag)
     assert os.listdir(tmp_path) == []

@@ -11,6 +11,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
+import inception_weights  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -134,7 +135,7 @@ def test_load_inception_missing_file():
 
 
 def test_load_inception_nothing_available(monkeypatch, tmp_path):
-    monkeypatch.setattr(metrics, "_fid_helper_file", lambda: None)
+    monkeypatch.setattr(inception_weights, "fid_helper_file", lambda: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     model, reason = metrics.load_inception(cache_dir=tmp_path)
     assert model is None and reason.startswith("unavailable")

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
+import demo_data  # noqa: E402
 import preprocess  # noqa: E402
 
 
@@ -43,7 +45,8 @@ def write_set(src, n=10, masks_dir=None, suffix=".png", ext=".jpg"):
 
 
 def run(args):
-    return preprocess.main([str(a) for a in args])
+    """Exit status of the command, run as its __main__ does (refusals: one error line, status 1)."""
+    return dataset.run_cli(lambda: preprocess.main([str(a) for a in args]))
 
 
 def written(data, split):
@@ -144,14 +147,14 @@ def test_read_labels_formats(tmp_path, kind):
     text, expect = LABEL_FILES[kind]
     p = tmp_path / f"{kind}.csv"
     p.write_text(text)
-    assert preprocess.read_labels(p) == expect
+    assert dataset.read_label_table(p) == expect
 
 
 def test_read_labels_unknown_header(tmp_path):
     p = tmp_path / "weird.csv"
     p.write_text("foo,bar\n1,2\n")
     with pytest.raises(ValueError) as e:
-        preprocess.read_labels(p)
+        dataset.read_label_table(p)
     assert "weird.csv" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -210,9 +213,7 @@ def test_refuses_existing_split_without_overwrite(tmp_path):
     args = ["--source_dir", tmp_path / "src", "--data_dir", data, "--img_size", 16]
     run(args)
     (data / "train" / "originals" / "stale.png").write_bytes(b"x")
-    with pytest.raises(SystemExit) as e:
-        run(args)
-    assert e.value.code == 1
+    assert run(args) == 1
     assert (data / "train" / "originals" / "stale.png").exists()
     run(args + ["--overwrite"])
     assert not (data / "train" / "originals" / "stale.png").exists()
@@ -381,21 +382,18 @@ def test_non_binary_mask_binarised_with_warning(tmp_path, capsys):
 
 
 def test_missing_or_empty_source_dir(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run(["--source_dir", tmp_path / "nope", "--data_dir", tmp_path / "data"])
-    assert e.value.code == 1 and "nope" in capsys.readouterr().err
+    assert run(["--source_dir", tmp_path / "nope", "--data_dir", tmp_path / "data"]) == 1
+    assert "nope" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as e:
-        run(["--source_dir", tmp_path / "empty", "--data_dir", tmp_path / "data2"])
-    assert e.value.code == 1 and "no .jpg" in capsys.readouterr().err
+    assert run(["--source_dir", tmp_path / "empty", "--data_dir", tmp_path / "data2"]) == 1
+    assert f"no {'/'.join(dataset.IMAGE_EXTENSIONS)} images" in capsys.readouterr().err
 
 
 def test_unwritable_output(tmp_path, capsys):
     write_set(tmp_path / "src", 2)
     (tmp_path / "afile").write_text("x")  # a file where a folder should be: unwritable even for root
-    with pytest.raises(SystemExit) as e:
-        run(["--source_dir", tmp_path / "src", "--data_dir", tmp_path / "afile" / "data"])
-    assert e.value.code == 1 and "cannot write to output folder" in capsys.readouterr().err
+    assert run(["--source_dir", tmp_path / "src", "--data_dir", tmp_path / "afile" / "data"]) == 1
+    assert "cannot write to output folder" in capsys.readouterr().err
 
 
 def test_nothing_usable_exits_nonzero(tmp_path, capsys):
@@ -403,9 +401,8 @@ def test_nothing_usable_exits_nonzero(tmp_path, capsys):
     src.mkdir()
     (src / "a.jpg").write_bytes(b"")
     (src / "b.png").write_text("nope")
-    with pytest.raises(SystemExit) as e:
-        run(["--source_dir", src, "--data_dir", tmp_path / "data"])
-    assert e.value.code == 1 and "nothing usable" in capsys.readouterr().err
+    assert run(["--source_dir", src, "--data_dir", tmp_path / "data"]) == 1
+    assert "nothing usable" in capsys.readouterr().err
     assert not (tmp_path / "data" / "train").exists()
 
 
@@ -443,7 +440,7 @@ def test_demo_dataset(tmp_path):
     assert len(rows) == 12 and {r["label"] for r in rows} <= {"melanoma", "nevus", "seborrheic_keratosis"}
     # deterministic in the seed
     a = (data / "demo_source" / "images" / "demo_0000.jpg").read_bytes()
-    preprocess.make_demo_dataset(tmp_path / "again", 12, 3)
+    demo_data.make_demo_dataset(tmp_path / "again", 12, 3)
     assert (tmp_path / "again" / "images" / "demo_0000.jpg").read_bytes() == a
 
 

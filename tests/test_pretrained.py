@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import demo_data
 import generate
 import models
-import preprocess
 from conftest import ROOT
 from dataset import PairedDataset, read_image
 
@@ -25,7 +25,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    images, masks, _ = preprocess.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", 8, seed=0)
+    images, masks, _ = demo_data.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", 8, seed=0)
     return images, masks
 
 

@@ -11,7 +11,7 @@ import torch
 import models
 import train
 from conftest import ROOT, TINY_MODEL, write_dataset
-from dataset import PairedDataset, to_model_range
+from dataset import PairedDataset, UsageError, to_model_range
 
 
 def run_train(data, dirs, *extra):
@@ -79,7 +79,7 @@ def test_fewer_images_than_batch_size_warns_and_trains(tiny_data, run_dirs, caps
 def test_non_finite_losses_skip_the_step_then_stop_the_run(tiny_data, run_dirs, monkeypatch, capsys):
     real_l1 = torch.nn.functional.l1_loss
     monkeypatch.setattr(train.F, "l1_loss", lambda a, b: real_l1(a, b) * float("nan"))
-    with pytest.raises(SystemExit, match="consecutive steps with non-finite"):
+    with pytest.raises(UsageError, match="consecutive steps with non-finite"):
         run_train(tiny_data, run_dirs, "--n_epochs", "5", "--max_bad_steps", "3", "--run_name", "nan")
     assert "non-finite G loss" in capsys.readouterr().err
 
@@ -131,20 +131,42 @@ def test_diff_augment_transforms_mask_real_and_fake_alike():
 
 def test_quality_options_train(tiny_data, run_dirs):
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--diffaug", "color,translation,cutout",
-                          "--lambda_fm", "10", "--ema", "0.9", "--gan_loss", "hinge", "--d_spectral_norm",
-                          "--upsample", "resize", "--noise_dim", "4", "--noise_injection", "--lr_decay_start", "0.5",
+                          "--ema", "0.9", "--upsample", "resize", "--style_dim", "4", "--lr_decay_start", "0.5",
                           "--run_name", "q")
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     assert state["ema"] is not None and state["sched_G"]["last_epoch"] == 2
     # the sampling weights are the EMA copy, not the raw generator
     assert not all(torch.equal(state["generator"][k], state["generator_train"][k]) for k in state["generator"])
     generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
-    assert config["noise_dim"] == 4 and config["upsample"] == "resize"
+    assert config["noise_dim"] == 4 and config["style_encoder"] and config["upsample"] == "resize"
     masks = torch.zeros(2, 1, 32, 32)
     torch.manual_seed(1)
     a = generator.eval()(masks)
     torch.manual_seed(2)
-    assert not torch.equal(a, generator(masks))  # z and injected noise make each draw different
+    assert not torch.equal(a, generator(masks))  # each draw takes another style from the bank
+
+
+def test_removed_options_are_refused_by_name_and_old_checkpoints_still_load(tiny_data, run_dirs, tmp_path, capsys):
+    for flag in ("--gan_loss", "--lambda_fm", "--d_spectral_norm", "--noise_injection", "--noise_dim", "--style_encoder",
+                 "--no-channels_last", "--no-fused_adam", "--no-freeze_d"):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag])
+        assert flag in capsys.readouterr().err
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--run_name", "old")
+    # A checkpoint saved before the removal carries the removed architecture switches, off: it loads.
+    ckpt = torch.load(os.path.join(model_dir, "generator_epoch_1.pth"), weights_only=True)
+    old = tmp_path / "old.pth"
+    torch.save({**ckpt, "config": {**ckpt["config"], "noise_injection": False, "d_spectral_norm": False}}, old)
+    assert models.load_generator(str(old))[1]["ngf"] == 4
+    # With one of them on it cannot be rebuilt: refused, naming the file and the option.
+    torch.save({**ckpt, "config": {**ckpt["config"], "noise_injection": True}}, old)
+    with pytest.raises(models.CheckpointError, match=r"old\.pth.*noise_injection"):
+        models.load_generator(str(old))
+    # A run saved with a removed loss cannot be continued as it was trained.
+    state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
+    torch.save({**state, "args": {**state["args"], "gan_loss": "hinge"}}, os.path.join(model_dir, "last.pth"))
+    with pytest.raises(ValueError, match="gan_loss hinge"):
+        train.main(["--resume", model_dir, "--n_epochs", "2"])
 
 
 def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
@@ -156,8 +178,7 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     train.train_step(t, masks, reals)
     assert all(not torch.equal(a, b) for a, b in zip(before_E, t.E.parameters()))  # L1 + KL reach the encoder
 
-    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--noise_dim", "4", "--style_encoder",
-                          "--d_scales", "2", "--run_name", "style")
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--style_dim", "4", "--d_scales", "2", "--run_name", "style")
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     assert state["style_encoder"] is not None
     generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))

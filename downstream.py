@@ -1,0 +1,547 @@
+"""Downstream usefulness of a Skin Lesion PixelGAN: does a lesion classifier get better with its images?
+
+A classifier is trained from scratch under each of --settings (real images only, real plus synthetic
+images of the minority classes, synthetic only = CAS, ...) and always tested on the real --split;
+mean +- std over --seeds seeds:
+    python downstream.py --data_dir data --model_folder pixelgan_models/<TS>
+        -> pixelgan_outputs/<TS>/downstream/{downstream.json, downstream.png}
+    python downstream.py --data_dir data --synthetic_dir DIR       (generate.py --balance output)
+        -> pixelgan_outputs/downstream_<time>/{downstream.json, downstream.png}
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc, multiclass_recall
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import models
+from dataset import (ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, atomic_path, check_device, check_memory,
+                     check_name, check_ranges, fmt, read_image, read_labels, run_cli, to_model_range, write_json)
+
+# synthetic_only is CAS (Ravuri & Vinyals 2019): trained on renders alone, tested on real images
+SETTINGS = ("real_only", "real_plus_synthetic", "real_plus_twin", "synthetic_only", "synthetic_then_real")
+DEFAULT_SETTINGS = "real_only,real_plus_synthetic,synthetic_only"
+SETTING_NAMES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic", "real_plus_twin": "real + synthetic twin",
+                 "synthetic_only": "synthetic only (CAS)", "synthetic_then_real": "synthetic, then real"}
+SETTING_COLORS = {"real_only": "#426eb4", "real_plus_synthetic": "#e88028", "real_plus_twin": "#c84646",
+                  "synthetic_only": "#50a050", "synthetic_then_real": "#9664b4"}
+
+
+# --------------------------------------------------------------------------------------------- classifier
+
+
+class SmallCNN(nn.Module):
+    """A few-second classifier for tests and smoke runs; not a baseline to quote."""
+
+    def __init__(self, n_classes):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (16, 32, 64):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            c_in = c_out
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, n_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_classifier(name, n_classes):
+    if name == "small":
+        return SmallCNN(n_classes)
+    from torchvision.models import resnet18
+    return resnet18(weights=None, num_classes=n_classes)  # from scratch: no ImageNet prior to blur the comparison
+
+
+def classifier_augmentation():
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90(),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2)])
+
+
+class ImageSet(torch.utils.data.Dataset):
+    def __init__(self, images_uint8, labels, transform=None):
+        self.images, self.labels, self.transform = images_uint8, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[i]
+
+
+def class_weights(labels, n_classes):
+    """Inverse-frequency weights (mean 1 over classes), so each class counts alike in the loss."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, model=None):
+    """A classifier after exactly `steps` optimizer steps on (images, labels). Batches are drawn without
+    replacement and reshuffled each pass, so every setting can be given the same number of steps (equal
+    compute) whatever its size. `model` continues training a given network (fine-tuning) with a fresh
+    optimizer and schedule. Returns the model and its mean training loss."""
+    torch.manual_seed(seed)
+    device = torch.device(args.device)
+    if model is None:
+        model = make_classifier(args.classifier, n_classes)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels, n_classes).to(device))
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    batch = min(args.batch_size, len(images))
+    sampler = torch.utils.data.RandomSampler(range(len(images)), num_samples=steps * batch,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(ImageSet(images, labels, classifier_augmentation()), batch_size=batch,
+                                         sampler=sampler, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    dtype = models.autocast_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for x, y in loader:
+        x, y = to_model_range(x, device, torch.channels_last), y.to(device, non_blocking=True)
+        with models.autocast(device, dtype):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        total += loss.detach()
+        if bar is not None:
+            bar.update()
+    return model, float(total) / max(steps, 1)
+
+
+@torch.inference_mode()
+def predict_proba(model, images, args):
+    model.eval()
+    device = torch.device(args.device)
+    dtype = models.autocast_dtype(device, args.amp)
+    out = []
+    for start in range(0, len(images), args.batch_size):
+        x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
+        with models.autocast(device, dtype):
+            out.append(model(x).float().softmax(1).cpu())
+    return torch.cat(out)
+
+
+def ranked_by_plausibility(model, images, class_idx, args):
+    """images ordered from most to least probable for their intended class under a real-trained classifier."""
+    order = predict_proba(model, images, args)[:, class_idx].argsort(descending=True)
+    return images[order]
+
+
+# ------------------------------------------------------------------------------------------------- scores
+
+
+def classification_metrics(probs, target, classes, positive):
+    """Balanced accuracy, per-class recall, and positive-vs-rest ROC AUC from class probabilities.
+
+    Classes absent from ``target`` get recall NaN and are left out of balanced accuracy (torchmetrics
+    would report 0 for them); AUC is NaN when the positive class or its complement is absent.
+    """
+    n_classes = len(classes)
+    preds = probs.argmax(1)
+    recall = multiclass_recall(preds, target, num_classes=n_classes, average=None).double()
+    support = torch.bincount(target, minlength=n_classes)
+    recall = torch.where(support > 0, recall, torch.full_like(recall, float("nan")))
+    pos = classes.index(positive)
+    is_pos = (target == pos).long()
+    auroc = float(binary_auroc(probs[:, pos], is_pos)) if 0 < int(is_pos.sum()) < len(is_pos) else float("nan")
+    return {"balanced_accuracy": float(recall[support > 0].mean()) if bool((support > 0).any()) else float("nan"),
+            "accuracy": float((preds == target).double().mean()),
+            "recall": {c: float(r) for c, r in zip(classes, recall)},
+            "auroc": auroc}
+
+
+def mean_std(values):
+    """Mean, sample std and standard error of the mean over seeds; std and sem are None for a single
+    seed (there is no spread to report)."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return {"mean": float("nan"), "std": None, "sem": None, "values": values}
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return {"mean": float(np.mean(vals)), "std": std, "sem": std / math.sqrt(len(vals)) if std is not None else None,
+            "values": values}
+
+
+def positive_class(classes, minority):
+    for c in classes:
+        if c.lower() in ("melanoma", "mel"):
+            return c, "the class named melanoma"
+    pool = minority or classes
+    return pool[0], "first minority class (no class named melanoma)" if minority else "first class (no minority class)"
+
+
+# ------------------------------------------------------------------------------ real and synthetic images
+
+
+def labelled_split(data_dir, split, size, labels, classes, num_workers):
+    data = PairedDataset(os.path.join(data_dir, split), size, labels=labels, classes=classes, num_workers=num_workers)
+    if data.images is None:
+        raise UsageError(f"{os.path.join(data_dir, split)}: has no originals/ folder")
+    keep = data.labels >= 0
+    if not bool(keep.all()):
+        print(f"{split}: {int((~keep).sum())} images without a known class are left out")
+    return data, keep
+
+
+def resize_images(images_uint8, size):
+    if images_uint8.shape[-1] == size:
+        return images_uint8
+    # area when shrinking, as dataset.py does for the real images, so both sources are resampled alike
+    mode = "area" if images_uint8.shape[-1] > size else "bilinear"
+    x = F.interpolate(images_uint8.float(), size=(size, size), mode=mode)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def read_synthetic_dir(folder, classes, size):
+    """{class: uint8 N x 3 x S x S} from generate.py --balance output: DIR/labels.csv (path relative to DIR, label)."""
+    path = os.path.join(folder, "labels.csv")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: not found (expected DIR/labels.csv with image path and label columns)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "label" in header:  # a header row; the path is whichever other column names a file
+        label_col = header.index("label")
+        path_col = next((header.index(c) for c in ("image", "path", "image_path", "file", "filename", "image_id") if c in header),
+                        1 - label_col if len(header) == 2 else 0)
+        rows = rows[1:]
+    else:
+        path_col, label_col = 0, 1
+    found = {c: [] for c in classes}
+    ignored = {}
+    for row in sorted(rows, key=lambda r: r[path_col]):
+        label = row[label_col].strip()
+        if label not in found:
+            ignored[label] = ignored.get(label, 0) + 1
+            continue
+        image = os.path.normpath(row[path_col])
+        if os.path.isabs(image) or image == os.pardir or image.startswith(os.pardir + os.sep):
+            raise UsageError(f"{path}: {row[path_col]!r} lies outside {folder}; only images inside it are read")
+        try:
+            found[label].append(torch.from_numpy(read_image(os.path.join(folder, row[path_col]), size)))
+        except ValueError:
+            raise UsageError(f"{os.path.join(folder, row[path_col])}: listed in labels.csv but cannot be read") from None
+    if ignored:
+        print(f"{path}: ignored images of classes not in the training labels: {ignored}")
+    return {c: torch.stack(v) if v else torch.zeros((0, 3, size, size), dtype=torch.uint8) for c, v in found.items()}
+
+
+def synthesize(model_path, data_dir, classes, requested, args):
+    """{class: uint8 images}: `requested[class]` renders made exactly as generate.py --class/--balance
+    makes them (jittered masks of that class, stochastic generator)."""
+    generator, config, _ = models.load_generator(model_path)
+    check_memory(sum(requested.values()) * 3 * max(config["img_size"], args.img_size) ** 2,
+                 f"{sum(requested.values())} synthetic images", "lower --minority_to, --reject or --img_size")
+    labels = read_labels(data_dir)
+    train = PairedDataset(os.path.join(data_dir, "train"), config["img_size"], labels=labels, classes=classes,
+                          num_workers=args.num_workers)
+    out = {}
+    for k, (name, n) in enumerate(requested.items()):
+        if n <= 0:
+            continue
+        # through the module, so that a stand-in models.render (tests) is the one used
+        images = models.class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
+                                     seed=args.seed + k)
+        out[name] = resize_images(images, args.img_size)
+        print(f"generated {n} {name} images from the {name} train masks")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def default_output_dir(model_path):
+    if model_path:
+        return os.path.join("pixelgan_outputs", models.run_name(model_path), "downstream")
+    return os.path.join("pixelgan_outputs", "downstream_" + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def print_downstream_table(result):
+    classes, pos = result["classes"], result["positive_class"]
+    print(f"\nDownstream: {result['classifier']} from scratch at {result['img_size']}x{result['img_size']}, "
+          f"{result['steps']} steps of {result['batch_size']} per setting ({result['epochs']} passes over the real "
+          f"train split), seeds {result['seeds']}; tested on {result['n_test']} real {result['test_split']} images")
+    print(f"  positive class for AUC: {pos} ({result['positive_class_reason']}); minority classes: {result['minority_classes']}"
+          + (f"; least plausible {result['reject']:.0%} of renders rejected" if result["reject"] else ""))
+
+    def cell(ms):
+        return fmt(ms["mean"]) + (" +- " + fmt(ms["sem"]) if ms.get("sem") is not None else "")
+
+    cols = ["balanced acc", f"AUC {pos}-vs-rest"] + [f"recall {c}" for c in classes]
+    width = max(22, max(len(c) for c in cols) + 2)
+    print("  mean +- standard error over seeds")
+    print("  " + f"{'setting':<22}{'real':>7}{'synth':>7}" + "".join(f"{c:>{width}}" for c in cols))
+    for s, r in result["settings"].items():
+        cells = [cell(r["balanced_accuracy"]), cell(r["auroc"])] + [cell(r["recall"][c]) for c in classes]
+        print("  " + f"{SETTING_NAMES[s]:<22}{r['n_real']:>7}{r['n_synthetic']:>7}" + "".join(f"{c:>{width}}" for c in cells))
+    for s, g in result["gain_over_real_only"].items():
+        d = g["balanced_accuracy"]
+        verdict = "helped" if d["mean"] > 0 else "did not help" if d["mean"] < 0 else "made no difference"
+        print(f"  {SETTING_NAMES[s]} vs real only (paired by seed): balanced accuracy {fmt(d['mean'], '+.4f')}"
+              + (f" +- {fmt(d['sem'])}" if d["sem"] is not None else "")
+              + f", {pos} recall {fmt(g['positive_recall']['mean'], '+.4f')}: {verdict}")
+    if "synthetic_only" in result["settings"] and "real_only" in result["settings"]:
+        cas = result["settings"]["synthetic_only"]["balanced_accuracy"]["mean"]
+        real = result["settings"]["real_only"]["balanced_accuracy"]["mean"]
+        print(f"  CAS / real-only balanced accuracy: {fmt(cas / real if real else float('nan'), '.3f')}")
+
+
+def bar_figure(groups, title, colors):
+    """Grouped bars on the 0..1 scale every score here lives on: one group per metric, one colour per
+    setting, whiskers of +- std clipped to the scale (none where std is None: a single seed).
+    groups: {setting: {metric: {"mean", "std"}}}. A bar that could not be computed reads n/a."""
+    # imported here: matplotlib costs a second at start-up and only this chart needs it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = list(groups)
+    metric_names = list(next(iter(groups.values())))
+    fig = Figure(figsize=(3 + max(2.2, 0.4 + 0.5 * len(settings)) * len(metric_names), 4.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(settings)
+    for s, (setting, color) in enumerate(zip(settings, colors)):
+        cells = [groups[setting][m] for m in metric_names]
+        means = [c["mean"] if c["mean"] is not None and math.isfinite(c["mean"]) else None for c in cells]
+        heights = [min(max(m, 0.0), 1.0) if m is not None else 0.0 for m in means]
+        stds = [c.get("std") if m is not None and c.get("std") is not None else math.nan for c, m in zip(cells, means)]
+        whiskers = [[min(sd, h) for sd, h in zip(stds, heights)], [min(sd, 1 - h) for sd, h in zip(stds, heights)]]
+        x = [i - 0.4 + (s + 0.5) * width for i in range(len(metric_names))]
+        bars = ax.bar(x, heights, width * 0.92, color=color, label=setting, yerr=whiskers, capsize=4,
+                      error_kw={"elinewidth": 1.5, "ecolor": "black"})
+        ax.bar_label(bars, labels=[f"{m:.3f}" if m is not None else "n/a" for m in means], padding=2, fontsize=8)
+    ax.set_xticks(range(len(metric_names)), metric_names)
+    ax.set_ylim(0, 1.08)  # room for the value labels above a bar at 1
+    ax.set_yticks([i / 5 for i in range(6)])
+    ax.set_ylabel("score (0 to 1)")
+    ax.grid(axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def write_chart(result, path):
+    """downstream.png from a downstream.json result: balanced accuracy, the positive class's recall and
+    its one-vs-rest AUC per setting (a stored result can be drawn again without training anything)."""
+    settings, pos, seeds = list(result["settings"]), result["positive_class"], result["seeds"]
+    legend = {s: f"{SETTING_NAMES[s]} ({result['settings'][s]['n_real']} real + {result['settings'][s]['n_synthetic']} synthetic)"
+              for s in settings}
+    chart = {legend[s]: {"balanced accuracy": result["settings"][s]["balanced_accuracy"],
+                         f"{pos} recall": result["settings"][s]["recall"][pos],
+                         f"{pos}-vs-rest AUC": result["settings"][s]["auroc"]} for s in settings}
+    shown = (f"bars: mean over {len(seeds)} seeds, whiskers: ± sample std" if len(seeds) > 1
+             else f"bars: seed {seeds[0]} alone, so no whiskers")
+    fig = bar_figure(chart, f"{result['classifier']} on real {result['test_split']} images ({shown})",
+                     colors=[SETTING_COLORS[s] for s in settings])
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def evaluate_downstream(args):
+    t0 = time.time()
+    labels = read_labels(args.data_dir)
+    if not labels:
+        raise UsageError(f"{os.path.join(args.data_dir, 'labels.csv')}: no labels; downstream needs classes")
+    classes = sorted(set(labels.values()))
+    train, train_keep = labelled_split(args.data_dir, "train", args.img_size, labels, classes, args.num_workers)
+    test, test_keep = labelled_split(args.data_dir, args.split, args.img_size, labels, classes, args.num_workers)
+    x_real, y_real = train.images[train_keep], train.labels[train_keep]
+    x_test, y_test = test.images[test_keep], test.labels[test_keep]
+    counts = torch.bincount(y_real, minlength=len(classes))
+    present = [c for c, n in zip(classes, counts.tolist()) if n > 0]
+    if len(present) < 2:
+        raise UsageError(f"need at least two classes in the train split, found {present}")
+    settings = args.settings
+    target = args.minority_to if args.minority_to is not None else int(counts.max())
+    requested = {c: max(0, target - int(n)) for c, n in zip(classes, counts.tolist()) if n > 0}
+    minority = [c for c, n in requested.items() if n > 0]
+    pos, pos_reason = positive_class(present, minority)
+    # every setting but real_only draws on one pool of renders per class: the minority top-up for
+    # real + synthetic, a synthetic twin of the real train split (same size per class) for the others
+    twin_settings = {"real_plus_twin", "synthetic_only", "synthetic_then_real"}
+    wanted = {c: max(requested[c] if "real_plus_synthetic" in settings else 0,
+                     int(counts[classes.index(c)]) if set(settings) & twin_settings else 0)
+              for c in present}
+    pool_size = {c: math.ceil(n / (1 - args.reject)) for c, n in wanted.items()}
+
+    model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
+    if args.synthetic_dir:
+        available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
+        pool, source = {c: available[c][:pool_size[c]] for c in present}, f"directory {args.synthetic_dir}"
+        for c in present:
+            if len(pool[c]) < pool_size[c]:
+                print(f"warning: {c}: {pool_size[c]} synthetic images wanted, {len(available[c])} in "
+                      f"{args.synthetic_dir}; using all of them")
+    elif model_path:
+        pool, source = synthesize(model_path, args.data_dir, classes, pool_size, args), f"generator {model_path}"
+    else:
+        raise UsageError("downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
+    pool = {c: pool.get(c, x_real[:0]) for c in present}  # a class nothing was rendered for: no images
+    lacking = [c for c in present if not len(pool[c])]
+    needs_every_class = [s for s in settings if s in twin_settings]
+    if needs_every_class and lacking:
+        raise UsageError(f"--settings {needs_every_class[0]} needs synthetic images of every class; "
+                         f"none of {', '.join(lacking)}")
+
+    steps = args.epochs * math.ceil(len(y_real) / min(args.batch_size, len(y_real)))
+    seeds = [args.seed + i for i in range(args.seeds)]
+    runs = {s: [] for s in settings}
+    n_syn = {s: {c: 0 for c in present} for s in settings}
+    bar = tqdm(total=len(seeds) * len(settings) * steps, desc="classifiers", unit="step", disable=None, smoothing=0.05)
+    training_started, done = time.time(), 0
+    for seed in seeds:
+        ranked = pool
+        for s in settings:
+            if s == "real_only":
+                x, y = x_real, y_real
+            else:
+                take = {c: requested[c] if s == "real_plus_synthetic" else int(counts[classes.index(c)]) for c in present}
+                syn = {c: ranked[c][:take[c]] for c in present}
+                n_syn[s] = {c: len(v) for c, v in syn.items()}
+                x_syn = torch.cat([syn[c] for c in present])
+                y_syn = torch.cat([torch.full((len(syn[c]),), classes.index(c), dtype=torch.long) for c in present])
+                if s in ("real_plus_synthetic", "real_plus_twin"):
+                    x, y = torch.cat([x_real, x_syn]), torch.cat([y_real, y_syn])
+                else:
+                    x, y = x_syn, y_syn
+            started = time.time()
+            if s == "synthetic_then_real":  # half the steps on synthetic images, then fine-tuned on real ones
+                model, _ = train_classifier(x, y, len(classes), args, seed, steps // 2, bar)
+                model, loss = train_classifier(x_real, y_real, len(classes), args, seed, steps - steps // 2, bar, model)
+            else:
+                model, loss = train_classifier(x, y, len(classes), args, seed, steps, bar)
+            if s == "real_only" and args.reject:  # this seed's real-only classifier drops the least plausible renders
+                ranked = {c: ranked_by_plausibility(model, pool[c], classes.index(c), args)[:wanted[c]]
+                          if len(pool[c]) else pool[c] for c in present}
+            runs[s].append(classification_metrics(predict_proba(model, x_test, args), y_test, classes, pos))
+            r = runs[s][-1]
+            done += steps
+            left = (len(seeds) * len(settings) * steps - done) / done * (time.time() - training_started)
+            tqdm.write(f"seed {seed} {SETTING_NAMES[s]:<22} balanced acc {fmt(r['balanced_accuracy'])}  AUC {fmt(r['auroc'])}  "
+                       f"train loss {loss:.3f}  ({time.time() - started:.0f} s; about {left / 60:.0f} min left)")
+    bar.close()
+
+    result = {
+        "data_dir": args.data_dir, "test_split": args.split, "classes": classes, "classifier": args.classifier,
+        "img_size": args.img_size, "epochs": args.epochs, "steps": steps, "batch_size": args.batch_size,
+        "optimizer": args.optimizer, "lr": args.lr, "seeds": seeds, "reject": args.reject,
+        "synthetic_source": source, "minority_to": target, "minority_classes": minority,
+        "positive_class": pos, "positive_class_reason": pos_reason,
+        "n_test": len(y_test), "n_test_per_class": {c: int((y_test == i).sum()) for i, c in enumerate(classes)},
+        "synthetic_requested_per_class": {c: requested[c] for c in present},
+        "settings": {}, "gain_over_real_only": {},
+    }
+    for s in settings:
+        result["settings"][s] = {
+            "n_real": 0 if s == "synthetic_only" else len(y_real), "n_synthetic": sum(n_syn[s].values()),
+            "n_real_per_class": {c: 0 if s == "synthetic_only" else int(counts[classes.index(c)]) for c in present},
+            "n_synthetic_per_class": n_syn[s],
+            "balanced_accuracy": mean_std([r["balanced_accuracy"] for r in runs[s]]),
+            "accuracy": mean_std([r["accuracy"] for r in runs[s]]),
+            "auroc": mean_std([r["auroc"] for r in runs[s]]),
+            "recall": {c: mean_std([r["recall"][c] for r in runs[s]]) for c in classes},
+        }
+        if s != "real_only" and "real_only" in settings:
+            # paired by seed: the same seed draws the same initialisation, so the difference has less noise
+            result["gain_over_real_only"][s] = {
+                "balanced_accuracy": mean_std([a["balanced_accuracy"] - b["balanced_accuracy"]
+                                               for a, b in zip(runs[s], runs["real_only"])]),
+                "positive_recall": mean_std([a["recall"][pos] - b["recall"][pos] for a, b in zip(runs[s], runs["real_only"])]),
+            }
+    result["seconds"] = round(time.time() - t0, 1)
+
+    out_dir = args.output_dir or default_output_dir(model_path)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(result, os.path.join(out_dir, "downstream.json"))
+    write_chart(result, os.path.join(out_dir, "downstream.png"))
+    print_downstream_table(result)
+    print(f"\nwrote {os.path.join(out_dir, 'downstream.json')} and downstream.png ({result['seconds']} s)")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
+          "num_workers": Range(0, 256), "seeds": Range(1, 100), "epochs": Range(1, 10_000),
+          "minority_to": Range(0, 1_000_000), "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1),
+          "reject": Range(0, 1, hi_open=True)}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data", help="preprocess.py output: {train,test}/{originals,masks}, labels.csv")
+    p.add_argument("--split", default="test", help="real split every classifier is tested on (it trains on train)")
+    p.add_argument("--model_folder", help="run folder of generator_epoch_<N>.pth files (the highest epoch renders)")
+    p.add_argument("--model_path", help="one generator checkpoint (instead of --model_folder)")
+    p.add_argument("--synthetic_dir", default=None,
+                   help="generate.py --balance output: DIR/<class>/gen_<n>.png + DIR/labels.csv (instead of rendering)")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help=f"comma list of what the classifier trains on, each tested on the real --split: {', '.join(SETTINGS)} "
+                        "(real_plus_synthetic: minority classes topped up to the largest; real_plus_twin: a synthetic "
+                        "twin of the train split added, every class alike; synthetic_only is CAS: the twin alone; "
+                        "synthetic_then_real: half the steps on the twin, then fine-tuned on real)")
+    p.add_argument("--seeds", type=int, default=3, help="classifier seeds per setting (seed, seed+1, ...)")
+    p.add_argument("--epochs", type=int, default=8,
+                   help="passes over the real train split; every setting trains that many steps (equal compute)")
+    p.add_argument("--reject", type=float, default=0.0,
+                   help="render 1/(1-R) times the synthetic images needed and keep those each seed's real-only "
+                        "classifier finds most probable for their class (needs real_only in --settings)")
+    p.add_argument("--classifier", choices=("resnet18", "small"), default="resnet18")
+    p.add_argument("--minority_to", type=int, default=None,
+                   help="top every smaller class up to this many images (default: the largest class's size)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--img_size", type=int, default=128, help="classifier input size; real and synthetic images are resized to it")
+    p.add_argument("--batch_size", type=int, default=32, help="images per classifier step (and per render call)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", action="store_true", help="mixed precision as in train.py: bf16 where supported, else fp16 with loss scaling")
+    p.add_argument("--seed", type=int, default=0, help="first classifier seed; renders are seeded from it too")
+    p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
+    p.add_argument("--output_dir", default=None,
+                   help="default: pixelgan_outputs/<TS>/downstream (a generator), pixelgan_outputs/downstream_<time> (--synthetic_dir)")
+    args = p.parse_args(argv)
+    if not (args.model_folder or args.model_path or args.synthetic_dir):
+        p.error("give --model_folder or --model_path (or --synthetic_dir)")
+    if args.model_folder and args.model_path:
+        p.error("give --model_folder or --model_path, not both")
+    check_ranges(args, LIMITS)
+    chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown or not chosen:
+        p.error(f"--settings: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SETTINGS)}")
+    args.settings = [s for s in SETTINGS if s in chosen]  # real_only first: --reject ranks renders with it
+    if args.reject and "real_only" not in args.settings:
+        p.error("--reject ranks renders with the real-only classifier: keep real_only in --settings")
+    check_name(args.split, "--split")  # a split is a folder inside --data_dir, not a path out of it
+    args.device = check_device(args.device)
+    return args
+
+
+def main(argv=None):
+    return evaluate_downstream(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main(sys.argv[1:]), "interrupted: files already written are complete; run again for the rest"))

@@ -1,0 +1,258 @@
+"""Tests for downstream.py on tiny 32x32 data and a tiny generator (CPU, a few seconds each), with the
+data, checkpoints and stand-in models.render of test_evaluate.py."""
+
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colors as mcolors
+from matplotlib.container import BarContainer
+from torch import nn
+
+import downstream
+from test_evaluate import (SIZE, TEST, TRAIN, assert_nonblank_png, color_mask, make_checkpoint, make_data, record_renders,
+                           write_png)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    return record_renders(monkeypatch)
+
+
+def record_figures(monkeypatch):
+    """Keep every chart downstream.py draws, to check it beside the PNG it wrote."""
+    figures = []
+    draw = downstream.bar_figure
+
+    def keep(*args, **kwargs):
+        figures.append(draw(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(downstream, "bar_figure", keep)
+    return figures
+
+
+def bar_containers(ax):
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def downstream_args(data, out, *extra):
+    return ["--data_dir", str(data), "--output_dir", str(out), "--classifier", "small", "--img_size", str(SIZE),
+            "--seeds", "1", "--epochs", "2", "--batch_size", "8", "--num_workers", "1", "--device", "cpu", *extra]
+
+
+def test_downstream_with_generator_balances_minority_classes(tmp_path, calls, monkeypatch):
+    data = make_data(tmp_path / "data")
+    classes = sorted(TRAIN)
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=classes)
+    out = tmp_path / "out"
+    figures = record_figures(monkeypatch)
+    result = downstream.main(downstream_args(data, out, "--model_folder", str(model.parent)))
+    j = json.loads((out / "downstream.json").read_text())
+    assert list(j["settings"]) == ["real_only", "real_plus_synthetic", "synthetic_only"]
+    wanted = {"nevus": 0, "melanoma": 3, "bkl": 4}  # every class up to the largest (6)
+    assert j["synthetic_requested_per_class"] == wanted
+    assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == wanted
+    assert j["settings"]["real_plus_synthetic"]["n_synthetic"] == 7
+    assert j["settings"]["real_only"]["n_synthetic"] == 0
+    for s in ("real_only", "real_plus_synthetic"):
+        assert j["settings"][s]["n_real"] == sum(TRAIN.values())
+        assert j["settings"][s]["n_real_per_class"] == TRAIN
+        ba = j["settings"][s]["balanced_accuracy"]
+        assert 0 <= ba["mean"] <= 1 and len(ba["values"]) == 1 and ba["std"] is None
+        assert set(j["settings"][s]["recall"]) == set(classes)
+    # CAS: a synthetic twin of the real train split, class by class, and no real image
+    cas = j["settings"]["synthetic_only"]
+    assert cas["n_synthetic_per_class"] == TRAIN and cas["n_real"] == 0
+    assert len(cas["balanced_accuracy"]["values"]) == 1
+    assert set(j["gain_over_real_only"]) == {"real_plus_synthetic", "synthetic_only"}
+    gain = j["gain_over_real_only"]["synthetic_only"]["balanced_accuracy"]["values"][0]
+    assert gain == pytest.approx(cas["balanced_accuracy"]["values"][0] - j["settings"]["real_only"]["balanced_accuracy"]["values"][0])
+    assert j["steps"] == 2 * 2  # 2 passes over 11 real images in batches of 8, for every setting alike
+    assert j["positive_class"] == "melanoma" and j["n_test"] == sum(TEST.values())
+    # one pool of renders per class, as large as the larger use (top-up or twin); each class's renders used
+    # that class's index (and, through models.class_images, jittered masks of that class)
+    pool = {c: max(wanted[c], TRAIN[c]) for c in classes}
+    rendered = [c for c in calls if c["stochastic"]]
+    assert sorted(len(c["masks"]) for c in rendered) == sorted(pool.values())
+    for call in rendered:
+        (cls_index,) = set(call["labels"].tolist())
+        assert pool[classes[cls_index]] == len(call["masks"])
+    assert result["classes"] == classes
+    # the chart: 3 settings x 3 metrics bars, at the means written to downstream.json
+    assert (out / "downstream.png").stat().st_size > 10_000
+    assert_nonblank_png(out / "downstream.png")
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert len(ax.patches) == 9
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["balanced accuracy", "melanoma recall", "melanoma-vs-rest AUC"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["real only (11 real + 0 synthetic)", "real + synthetic (11 real + 7 synthetic)",
+                      "synthetic only (CAS) (0 real + 11 synthetic)"]
+    for bars, s in zip(bar_containers(ax), j["settings"]):
+        heights = [b.get_height() for b in bars]
+        assert heights == pytest.approx([j["settings"][s]["balanced_accuracy"]["mean"], j["settings"][s]["recall"]["melanoma"]["mean"],
+                                         j["settings"][s]["auroc"]["mean"]])
+    assert ax.get_title().endswith("(bars: seed 0 alone, so no whiskers)")  # one seed: no spread to draw
+    assert not any(len(seg) for c in bar_containers(ax) for seg in c.errorbar.lines[2][0].get_segments())
+
+
+def test_downstream_with_synthetic_dir_and_minority_to(tmp_path):
+    data = make_data(tmp_path / "data")
+    syn = tmp_path / "syn"
+    rows = []
+    rng = np.random.default_rng(1)
+    for cls, n in {"melanoma": 5, "bkl": 5, "nevus": 2}.items():
+        for i in range(n):
+            rel = f"{cls}/gen_{i}.png"
+            write_png(syn / rel, rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))  # another size: resized on load
+            rows.append((rel, cls))
+    with open(syn / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        w.writerows(rows)
+    out = tmp_path / "out"
+    downstream.main(downstream_args(data, out, "--synthetic_dir", str(syn), "--minority_to", "5"))
+    j = json.loads((out / "downstream.json").read_text())
+    wanted = {"nevus": 0, "melanoma": 2, "bkl": 3}  # up to 5; nevus already has 6 and gets none
+    assert j["synthetic_requested_per_class"] == wanted
+    assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == wanted
+    assert sorted(j["minority_classes"]) == ["bkl", "melanoma"]
+    assert j["synthetic_source"].startswith("directory")
+    # CAS takes up to each class's real count from the folder: nevus has only 2 there
+    assert j["settings"]["synthetic_only"]["n_synthetic_per_class"] == {"nevus": 2, "melanoma": 3, "bkl": 2}
+
+
+def test_downstream_settings_choose_what_trains_and_what_is_rendered(tmp_path, calls):
+    data = make_data(tmp_path / "data")
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=sorted(TRAIN))
+    out = tmp_path / "out"
+    j = downstream.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings",
+                                        "real_plus_synthetic,real_only"))
+    assert list(j["settings"]) == ["real_only", "real_plus_synthetic"]
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == [3, 4]  # the top-up only: no twin for CAS
+    calls.clear()
+    j = downstream.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "real_plus_twin"))
+    twin = j["settings"]["real_plus_twin"]  # every class gets as many renders as it has real images
+    assert twin["n_synthetic_per_class"] == TRAIN and twin["n_real_per_class"] == TRAIN
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == sorted(TRAIN.values())
+    assert j["gain_over_real_only"] == {}  # nothing to pair with
+    with pytest.raises(SystemExit):
+        downstream.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "real_only,cas"))
+    with pytest.raises(SystemExit):  # rejection ranks renders with the real-only classifier
+        downstream.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings", "synthetic_only",
+                                        "--reject", "0.5"))
+
+
+def test_downstream_reject_renders_more_and_keeps_the_wanted_count(tmp_path, calls):
+    data = make_data(tmp_path / "data")
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=sorted(TRAIN))
+    out = tmp_path / "out"
+    j = downstream.main(downstream_args(data, out, "--model_folder", str(model.parent), "--settings",
+                                        "real_only,real_plus_synthetic", "--reject", "0.5"))
+    assert sorted(len(c["masks"]) for c in calls if c["stochastic"]) == [6, 8]  # twice the top-up of 3 and 4
+    assert j["settings"]["real_plus_synthetic"]["n_synthetic_per_class"] == {"nevus": 0, "melanoma": 3, "bkl": 4}
+    assert j["reject"] == 0.5
+
+
+class FixedScores(nn.Module):
+    """A 'classifier' whose class-1 probability grows with the image's mean brightness."""
+
+    def forward(self, x):
+        b = x.mean((1, 2, 3))
+        return torch.stack([-b, b, torch.zeros_like(b)], 1) * 10
+
+
+def test_ranked_by_plausibility_orders_renders_by_their_class_probability():
+    levels = torch.tensor([40, 200, 120, 10], dtype=torch.uint8)
+    images = levels.view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    args = argparse.Namespace(device="cpu", batch_size=3, amp=False)
+    ranked = downstream.ranked_by_plausibility(FixedScores(), images, 1, args)
+    assert ranked[:, 0, 0, 0].tolist() == [200, 120, 40, 10]
+    ranked = downstream.ranked_by_plausibility(FixedScores(), images, 0, args)
+    assert ranked[:, 0, 0, 0].tolist() == [10, 40, 120, 200]
+
+
+class StepCounter:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k=1):
+        self.n += k
+
+
+@pytest.mark.parametrize("n_images", [5, 40])
+def test_train_classifier_takes_exactly_the_given_steps_whatever_the_set_size(n_images):
+    images = torch.randint(0, 255, (n_images, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(n_images) % 2
+    args = argparse.Namespace(device="cpu", batch_size=4, amp=False, classifier="small", optimizer="adam", lr=1e-3,
+                              weight_decay=0.0)
+    counter = StepCounter()
+    model, loss = downstream.train_classifier(images, labels, 2, args, seed=0, steps=7, bar=counter)
+    assert counter.n == 7 and math.isfinite(loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    model2, _ = downstream.train_classifier(images, labels, 2, args, seed=1, steps=3, bar=counter, model=model)
+    assert model2 is model and counter.n == 10  # fine-tuning continues the given network
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_classification_metrics_known_answers():
+    classes = ["a", "melanoma", "c"]
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    perfect = torch.nn.functional.one_hot(target, 3).float()
+    m = downstream.classification_metrics(perfect, target, classes, "melanoma")
+    assert m["balanced_accuracy"] == 1 and m["auroc"] == 1 and all(v == 1 for v in m["recall"].values())
+
+    # class a: 3/4 right, melanoma: 1/2, c: 2/2 -> balanced accuracy (0.75 + 0.5 + 1) / 3, plain accuracy 6/8
+    preds = torch.tensor([0, 0, 0, 2, 1, 0, 2, 2])
+    probs = torch.nn.functional.one_hot(preds, 3).float() * 0.5 + 0.1
+    probs[:, 1] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.35, 0.0, 0.05])  # melanoma scores, argmax kept for row 4
+    probs[4] = torch.tensor([0.0, 0.9, 0.1])
+    m = downstream.classification_metrics(probs, target, classes, "melanoma")
+    assert m["recall"] == pytest.approx({"a": 0.75, "melanoma": 0.5, "c": 1.0})
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    # melanoma scores 0.9, 0.35 vs negatives 0.1, 0.2, 0.3, 0.4, 0.0, 0.05: 6 + 5 of 12 pairs ranked right
+    assert m["auroc"] == pytest.approx(11 / 12)
+
+    # a class missing from the test targets is not counted as recall 0
+    m = downstream.classification_metrics(perfect[:6], target[:6], classes, "melanoma")
+    assert math.isnan(m["recall"]["c"]) and m["balanced_accuracy"] == 1
+
+
+def test_mean_std_over_seeds():
+    ms = downstream.mean_std([0.5, 0.7, 0.9])
+    assert ms["mean"] == pytest.approx(0.7) and ms["std"] == pytest.approx(0.2)
+    assert downstream.mean_std([0.5])["std"] is None
+
+
+def test_bar_figure_bars_and_whiskers_follow_the_values(tmp_path):
+    colors = ["#0ac80a", "#c80ac8"]
+    groups = {"real only": {"m1": {"mean": 0.5, "std": None}, "m2": {"mean": 0.2, "std": 0.05}, "m3": {"mean": float("nan"), "std": None}},
+              "real + synthetic": {"m1": {"mean": 1.0, "std": None}, "m2": {"mean": 0.4, "std": 0.1}, "m3": {"mean": 0.9, "std": 0.3}}}
+    fig = downstream.bar_figure(groups, "t", colors)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 6  # one bar per setting and metric, in its setting's colour
+    bars = bar_containers(ax)
+    assert [b.get_height() for c in bars for b in c] == pytest.approx([0.5, 0.2, 0.0, 1.0, 0.4, 0.9])
+    assert [mcolors.to_hex(c[0].get_facecolor()) for c in bars] == colors
+    assert [t.get_text() for t in ax.texts] == ["0.500", "0.200", "n/a", "1.000", "0.400", "0.900"]  # NaN reads n/a, not 0
+    # whiskers +- std, cut at the 0..1 scale; none where there is no std
+    whiskers = [[seg[:, 1].tolist() if len(seg) else None for seg in c.errorbar.lines[2][0].get_segments()] for c in bars]
+    assert whiskers[0][0] is None and whiskers[0][1] == pytest.approx([0.15, 0.25]) and whiskers[0][2] is None
+    assert whiskers[1][0] is None and whiskers[1][1] == pytest.approx([0.3, 0.5]) and whiskers[1][2] == pytest.approx([0.6, 1.0])
+    # and the PNG shows them: the first group's bars, measured in pixels, stand in the ratio of their values
+    path = tmp_path / "bars.png"
+    fig.savefig(path)
+    arr = assert_nonblank_png(path)
+    heights = []
+    for color in colors:
+        mask = color_mask(arr, [int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        cols = np.nonzero(mask.any(axis=0))[0]
+        first_bar = cols[cols < cols.min() + 30]  # bars of metric m1 come first
+        heights.append(mask[:, first_bar[len(first_bar) // 2]].sum())
+    assert heights[0] / heights[1] == pytest.approx(0.5, abs=0.03)
