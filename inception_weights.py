@@ -40,7 +40,7 @@ def sha1(path: Path) -> str:
 
 class _Inception(NoTrainInceptionV3):
     """torch-fidelity's Inception without torch-fidelity's loader, which is torch.load(weights_only=False):
-    a crafted weights file would run its code. The constructor's load is skipped; _build loads the
+    a crafted weights file would run its code. The constructor's load is skipped; build loads the
     weights read with weights_only=True."""
 
     skip_load = True

@@ -629,7 +629,7 @@ def load_generator(path, map_location="cpu"):
 
 
 def load_style_encoder(ckpt, config, path):
-    """The style encoder saved beside a generator (train.py --style_encoder), or None."""
+    """The style encoder saved beside a generator (train.py --style_dim), or None."""
     if not config["style_encoder"] or ckpt.get("style_encoder") is None:
         return None
     check_weights(StyleEncoder, config, ckpt["style_encoder"], path, "style encoder")

@@ -43,6 +43,9 @@ from demo_data import make_demo_dataset
 
 EXTENSION_LIST = "/".join(IMAGE_EXTENSIONS)  # for messages: the files this script reads, as they are named
 MASK_SUFFIXES = ("_segmentation",)  # matched case-insensitively, so _Segmentation works too
+# Ground-truth masks may also be GIFs (some segmentation tools write them); PIL reads those here, and the
+# masks preprocess writes are PNGs, so the OpenCV readers downstream never see a GIF.
+MASK_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif")
 SPLIT_ENTRIES = ("train", "test", LABELS_FILE)  # what a split in --data_dir consists of (and --overwrite replaces)
 # PIL's own guard warns at MAX_IMAGE_PIXELS and only raises at twice that; we check the
 # size ourselves before decoding, and keep PIL's limit as a second line of defence
@@ -289,7 +292,7 @@ def _mask_index(mask_dir):
     """{id: mask path}, accepting <id>.png, <id>_segmentation.png, <id>_Segmentation.png, ..."""
     index = {}
     for p in sorted(Path(mask_dir).iterdir()):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not p.is_file() or p.suffix.lower() not in MASK_EXTENSIONS:
             continue
         stem = p.stem
         for suf in MASK_SUFFIXES:

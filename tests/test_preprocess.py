@@ -105,7 +105,7 @@ def test_split_at_least_one_each_side():
 def test_mask_dir_name_variants(tmp_path):
     src, masks = tmp_path / "src", tmp_path / "masks"
     src.mkdir(), masks.mkdir()
-    for i, suffix in enumerate([".png", "_segmentation.png", "_Segmentation.png"]):
+    for i, suffix in enumerate([".png", "_segmentation.png", "_Segmentation.png", "_segmentation.gif"]):
         img, m = blob(cx=12 + 8 * i)  # each mask differs, so a mix-up shows
         Image.fromarray(img).save(src / f"ISIC_{i}.jpg")
         Image.fromarray((m * 255).astype(np.uint8)).save(masks / f"ISIC_{i}{suffix}")
@@ -115,8 +115,8 @@ def test_mask_dir_name_variants(tmp_path):
     for split in ("train", "test"):
         for p in (data / split / "masks").glob("*.png"):
             got[p.stem] = np.asarray(Image.open(p)) > 0
-    assert sorted(got) == ["ISIC_0", "ISIC_1", "ISIC_2"]
-    for i in range(3):
+    assert sorted(got) == ["ISIC_0", "ISIC_1", "ISIC_2", "ISIC_3"]
+    for i in range(4):
         _, m = blob(cx=12 + 8 * i)
         expect = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((40, 40), Image.NEAREST)) > 0
         assert dice(got[f"ISIC_{i}"], expect) > 0.95
