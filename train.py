@@ -69,9 +69,9 @@ def parse_args(argv=None):
                         "(--no-projected_d: the PatchGAN alone)")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
-    p.add_argument("--style_dim", type=int, default=0,
-                   help="size of a style code learned from the real image (cVAE, BicycleGAN), e.g. 8; sampling draws the "
-                        "codes of training images of the rendered class; generate.py --style_image needs it (0: none)")
+    p.add_argument("--style_dim", type=int, default=8,
+                   help="size of a style code learned from the real image (cVAE, BicycleGAN); sampling draws the codes of "
+                        "training images of the rendered class; generate.py --style_image needs it (0: none, the recipe's)")
     p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term")
     # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (slow start, faster steps)")
@@ -340,29 +340,33 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
 
 @torch.inference_mode()
 def test_scores(t, test_set, batch_size, out_dir=None, epoch=0):
-    """Mean L1 ([-1, 1] units), PSNR and SSIM over the test split; writes the first test images."""
+    """Mean L1 ([-1, 1] units), PSNR and SSIM over the test split; writes the first test images.
+    The style draws come from a fixed seed on a forked random state: every evaluation renders the same
+    looks, and evaluating leaves the training's random stream (so resume's bit-identity) untouched."""
     from metrics import paired_metrics
-    G = sampling_generator(t)
-    was_training = G.training
-    G.eval()
-    sums, count = {}, 0
-    n_classes = t.config["n_classes"]
-    for start in range(0, len(test_set), batch_size):
-        index = slice(start, start + batch_size)
-        masks = to_model_range(test_set.masks[index], t.device, t.memory_format)
-        reals = to_model_range(test_set.images[index], t.device, t.memory_format)
-        planes = models.class_planes(test_set.labels[index].to(t.device), n_classes, masks.shape[-1])
-        with models.autocast(t.device, t.dtype):
-            fakes = G(masks, planes).float()
-        for name, values in paired_metrics(fakes, reals).items():
-            sums[name] = sums.get(name, 0.0) + values.sum().item()
-        count += masks.shape[0]
-        if out_dir is not None and start < N_TEST_IMAGES:
-            for k in range(min(masks.shape[0], N_TEST_IMAGES - start)):
-                save_image_grid([to_uint8(masks[k:k + 1]), to_uint8(fakes[k:k + 1]), to_uint8(reals[k:k + 1])],
-                                os.path.join(out_dir, f"test_epoch_{epoch}_sample_{start + k}.png"), columns=True)
-    G.train(was_training)
-    return {name: total / count for name, total in sums.items()}
+    with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        G = sampling_generator(t)
+        was_training = G.training
+        G.eval()
+        sums, count = {}, 0
+        n_classes = t.config["n_classes"]
+        for start in range(0, len(test_set), batch_size):
+            index = slice(start, start + batch_size)
+            masks = to_model_range(test_set.masks[index], t.device, t.memory_format)
+            reals = to_model_range(test_set.images[index], t.device, t.memory_format)
+            planes = models.class_planes(test_set.labels[index].to(t.device), n_classes, masks.shape[-1])
+            with models.autocast(t.device, t.dtype):
+                fakes = G(masks, planes).float()
+            for name, values in paired_metrics(fakes, reals).items():
+                sums[name] = sums.get(name, 0.0) + values.sum().item()
+            count += masks.shape[0]
+            if out_dir is not None and start < N_TEST_IMAGES:
+                for k in range(min(masks.shape[0], N_TEST_IMAGES - start)):
+                    save_image_grid([to_uint8(masks[k:k + 1]), to_uint8(fakes[k:k + 1]), to_uint8(reals[k:k + 1])],
+                                    os.path.join(out_dir, f"test_epoch_{epoch}_sample_{start + k}.png"), columns=True)
+        G.train(was_training)
+        return {name: total / count for name, total in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -530,8 +534,9 @@ def resolve_resume(args, parser, argv):
             raise UsageError(f"{path}: trained with --{name} {state['args'][name]}, an option this version no longer has "
                              f"(it lost its ablation); resume it with a version from before November 2026")
     saved = {k: v for k, v in state["args"].items() if k in defaults}
-    if "style_dim" not in saved and state["args"].get("style_encoder"):  # saved before --style_dim replaced these two
-        saved["style_dim"] = state["args"].get("noise_dim", 0)
+    # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
+    # replaced --noise_dim/--style_encoder, or before it became the default, have no or another value).
+    saved["style_dim"] = state["config"]["noise_dim"] if state["config"]["style_encoder"] else 0
     for name, value in saved.items():
         if not _same_kind(value, defaults[name]):
             raise models.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
@@ -733,8 +738,6 @@ def end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers):
     """Rank 0 after an epoch: test scores and checkpoints when due, one metrics.csv row, one log line."""
     evaluating = run.test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
     saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
-    if evaluating or saving:
-        refresh_style_bank(t, run.train_set.images, run.train_set.labels)
     row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
            **{k: v.item() for k, v in mean_losses.items()}}
     if evaluating:
@@ -790,6 +793,9 @@ def main(argv=None):
             trained = [b for name, b in t.D.named_buffers() if not name.startswith("projected.features.")]
             for buffer in (*t.G.buffers(), *trained):
                 dist.broadcast(buffer, src=0)
+        if epoch % args.eval_freq == 0 or epoch % args.save_freq == 0 or epoch == args.n_epochs:
+            # on every rank, so that all hold the same generator (the sampling looks are buffers of it)
+            refresh_style_bank(t, train_set.images, train_set.labels)
         if master:
             end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers)
         if world_size > 1:

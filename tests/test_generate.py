@@ -162,11 +162,13 @@ def test_style_image_renders_with_the_codes_of_the_given_photos_in_turn(style_mo
                        "--output_dir", str(tmp_path / "x")])
 
 
-def test_style_image_needs_a_model_with_a_style_encoder(trained, tiny_data, tmp_path):
+def test_style_image_needs_a_model_with_a_style_encoder(tiny_data, run_dirs, tmp_path):
+    no_style = train.main(["--data_dir", tiny_data, *TINY_MODEL, *run_dirs, "--batch_size", "4", "--n_epochs", "1",
+                           "--style_dim", "0", "--run_name", "no_style"])
     ref = tmp_path / "ref.png"
     cv2.imwrite(str(ref), np.full((40, 40, 3), 128, np.uint8))
     with pytest.raises(ValueError, match="has no style encoder"):
-        generate.main(["--model_folder", trained, "--input_dir", os.path.join(tiny_data, "test"),
+        generate.main(["--model_folder", no_style, "--input_dir", os.path.join(tiny_data, "test"),
                        "--style_image", str(ref), "--output_dir", str(tmp_path / "x")])
 
 
