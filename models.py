@@ -773,7 +773,9 @@ if __name__ == "__main__":
     parser.add_argument("--ndf", type=int, default=DEFAULT_CONFIG["ndf"])
     parser.add_argument("--upsample", default=DEFAULT_CONFIG["upsample"])
     args = parser.parse_args()
-    config = make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, upsample=args.upsample, projected_d=True)
+    # train.py's default: both critics and a style code of 8
+    config = make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, upsample=args.upsample, projected_d=True,
+                         noise_dim=8, style_encoder=True)
     G, D = build_generator(config).eval(), build_discriminator(config).eval()
     masks = torch.zeros(2, 1, args.img_size, args.img_size)
     images = G(masks)
@@ -783,6 +785,9 @@ if __name__ == "__main__":
           f"{n_levels(args.img_size)} levels  {tuple(masks.shape[1:])} -> {tuple(images.shape[1:])}")
     print(f"PatchGAN            {count_params(D.net) / 1e6:6.2f}M params  {patch_gflop:5.2f} GFLOP/img  "
           f"(mask, image) -> patch map {tuple(scores[0].shape[1:])}")
+    E = build_style_encoder(config)
+    print(f"style encoder       {count_params(E) / 1e6:6.2f}M params  {gflops_per_image(E, images):5.2f} GFLOP/img  "
+          f"(training only) image -> {config['noise_dim']}-d code (mean, log-variance)")
     trunk = sum(b.numel() for b in D.projected.features.buffers())
     print(f"projected critic    {count_params(D.projected) / 1e6:6.2f}M params  "
           f"{gflops_per_image(D.projected, masks, images):5.2f} GFLOP/img  frozen EfficientNet-Lite0 trunk "
