@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import time
 
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                    help="time the user's original recipe (train.ORIGINAL_RECIPE: PatchGAN only, LSGAN + 100 L1) instead of train.py's default")
     p.add_argument("--compare", action="store_true",
                    help="one run: the reference layout in fp32, the original recipe and train.py's default (both with --amp)")
+    p.add_argument("--train_flags", default="",
+                   help='train.py flags for the timed configuration, e.g. "--style_dim 0" (with --compare: for its '
+                        'default and recipe rows)')
     p.add_argument("--data_dir", default=None, help="also time one epoch over <data_dir>/train")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
@@ -107,7 +111,7 @@ def trainer_args(args):
     train with the original recipe's losses)."""
     flags = ["--img_size", str(args.img_size)] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
     flags += train.ORIGINAL_RECIPE if args.reference or args.original_recipe else []
-    return train.parse_args(flags)[0]
+    return train.parse_args(flags + shlex.split(args.train_flags))[0]
 
 
 def build_trainer(args, config, device, world_size=1):
