@@ -183,8 +183,8 @@ def main(argv=None):
             for start in range(0, count, CLASS_CHUNK):
                 chunk = min(CLASS_CHUNK, count - start)
                 images = models.class_images(generator, config, dataset, labels, class_name, chunk, args.device,
-                                      args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
-                                      styles=cycled(styles, start, chunk))
+                                             args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
+                                             styles=cycled(styles, start, chunk))
                 for k, image in enumerate(images):
                     save_png(image, os.path.join(folder, f"gen_{first + start + k}.png"))
             print(f"{class_name}: {count} images -> {folder}")
@@ -214,7 +214,7 @@ def main(argv=None):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
         fakes = models.render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
-                       stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
+                              stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
             save_png(fakes[k], os.path.join(args.output_dir, f"gen_only_{name}.png"))

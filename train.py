@@ -734,10 +734,15 @@ def train_epoch(t, loader, epoch, args, run, master):
     return {k: v / max(n_steps, 1) for k, v in sums.items()}
 
 
+def due(epoch, freq, args):
+    """Whether an every-freq-epochs task (evaluation, checkpoints) runs after this epoch: the last always."""
+    return epoch % freq == 0 or epoch == args.n_epochs
+
+
 def end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers):
     """Rank 0 after an epoch: test scores and checkpoints when due, one metrics.csv row, one log line."""
-    evaluating = run.test_set is not None and (epoch % args.eval_freq == 0 or epoch == args.n_epochs)
-    saving = epoch % args.save_freq == 0 or epoch == args.n_epochs
+    evaluating = run.test_set is not None and due(epoch, args.eval_freq, args)
+    saving = due(epoch, args.save_freq, args)
     row = {"epoch": epoch, "step": t.step, "lr": schedulers[0].get_last_lr()[0],
            **{k: v.item() for k, v in mean_losses.items()}}
     if evaluating:
@@ -793,7 +798,7 @@ def main(argv=None):
             trained = [b for name, b in t.D.named_buffers() if not name.startswith("projected.features.")]
             for buffer in (*t.G.buffers(), *trained):
                 dist.broadcast(buffer, src=0)
-        if epoch % args.eval_freq == 0 or epoch % args.save_freq == 0 or epoch == args.n_epochs:
+        if due(epoch, args.eval_freq, args) or due(epoch, args.save_freq, args):
             # on every rank, so that all hold the same generator (the sampling looks are buffers of it)
             refresh_style_bank(t, train_set.images, train_set.labels)
         if master:
