@@ -37,8 +37,10 @@ def test_two_process_gloo_training(tmp_path):
     script.write_text(RANK_SCRIPT.format(root=ROOT, out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    # with the default projected critic: its frozen trunk stays out of the per-epoch buffer broadcast
+    with_projected_d = [a for a in TINY_MODEL if a != "--no-projected_d"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--data_dir", data, *TINY_MODEL, "--batch_size", "2", "--n_epochs", "2", "--save_freq", "2",
+           "--data_dir", data, *with_projected_d, "--batch_size", "2", "--n_epochs", "2", "--save_freq", "2",
            "--eval_freq", "1", "--device", "cpu", "--models_dir", str(tmp_path / "models"),
            "--outputs_dir", str(tmp_path / "outputs"), "--run_name", "ddp"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
