@@ -29,7 +29,7 @@ from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_pa
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--lambda_lpips", "0", "--upsample", "transpose",
-                   "--style_dim", "0"]
+                   "--style_dim", "0", "--ema", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 
@@ -52,7 +52,8 @@ def parse_args(argv=None):
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
     p.add_argument("--lr_decay_start", type=float, default=1.0,
                    help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
-    p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of G used for sampling (0: off)")
+    p.add_argument("--ema", type=float, default=0.99,
+                   help="decay of an exponential moving average of G that checkpoints and samples use (0: off)")
     p.add_argument("--diffaug", default="color,translation,cutout",
                    help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout; '' for none")
     p.add_argument("--seed", type=int, default=42)
@@ -796,7 +797,8 @@ def main(argv=None):
             # Local BatchNorm statistics drift apart between ranks; rank 0's are the ones saved and evaluated.
             # The frozen pretrained trunk is identical everywhere and stays out of the broadcast.
             trained = [b for name, b in t.D.named_buffers() if not name.startswith("projected.features.")]
-            for buffer in (*t.G.buffers(), *trained):
+            averaged = t.ema.buffers() if t.ema is not None else ()  # its BatchNorm statistics average each rank's own
+            for buffer in (*t.G.buffers(), *trained, *averaged):
                 dist.broadcast(buffer, src=0)
         if due(epoch, args.eval_freq, args) or due(epoch, args.save_freq, args):
             # on every rank, so that all hold the same generator (the sampling looks are buffers of it)

@@ -26,7 +26,8 @@ train.main(sys.argv[1:])
 t = trainer["t"]
 torch.save({{"images": sum(seen), "steps": len(seen),
             "G": {{k: v.clone() for k, v in t.G.state_dict().items()}},
-            "D": {{k: v.clone() for k, v in t.D.state_dict().items()}}}},
+            "D": {{k: v.clone() for k, v in t.D.state_dict().items()}},
+            "G_sampled": {{k: v.clone() for k, v in train.sampling_generator(t).state_dict().items()}}}},
            os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
 """
 
@@ -49,7 +50,7 @@ def test_two_process_gloo_training(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # 12 pairs, 2 ranks: 6 per rank per epoch, 3 steps of 2, over 2 epochs
     assert [r["images"] for r in ranks] == [12, 12] and [r["steps"] for r in ranks] == [6, 6]
-    for net in ("G", "D"):
+    for net in ("G", "D", "G_sampled"):  # G_sampled: the EMA copy that checkpoints hold
         assert all(torch.equal(ranks[0][net][k], ranks[1][net][k]) for k in ranks[0][net])
 
     model_dir = tmp_path / "models" / "ddp"
@@ -63,7 +64,7 @@ def test_two_process_gloo_training(tmp_path):
                    "--output_dir", str(tmp_path / "gen")])
     assert len([n for n in os.listdir(tmp_path / "gen") if n.startswith("gen_only_")]) == 2
     generator, _, _ = models.load_generator(str(model_dir / "generator_epoch_2.pth"))
-    assert all(torch.equal(generator.state_dict()[k], ranks[0]["G"][k]) for k in state)
+    assert all(torch.equal(generator.state_dict()[k], ranks[0]["G_sampled"][k]) for k in state)
 
     # resumes without torchrun
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(model_dir),

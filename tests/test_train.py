@@ -205,15 +205,18 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
 
 def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     """train.py's default: PatchGAN + projected critic on frozen ImageNet features, DiffAugment on D's inputs,
-    a style code of 8 learned from the real images."""
+    a style code of 8 learned from the real images, checkpoints holding an EMA (0.99) of G."""
     args = train.parse_args([])[0]
     assert args.projected_d and args.diffaug == "color,translation,cutout" and args.lambda_l1 == 100 and args.style_dim == 8
+    assert args.ema == 0.99
     base = ["--data_dir", tiny_data, "--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0",
             "--no_tensorboard", *run_dirs, "--batch_size", "4", "--run_name", "both"]
     model_dir = train.main([*base, "--n_epochs", "1"])
     first = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     assert first["config"]["projected_d"] and first["config"]["style_encoder"] and first["config"]["noise_dim"] == 8
     assert first["style_encoder"] is not None and first["generator"]["style_bank"].abs().sum() > 0
+    # the saved generator is the EMA copy, not the weights the optimizer trains
+    assert first["ema"] is not None and not torch.equal(first["generator"]["out.0.weight"], first["generator_train"]["out.0.weight"])
     model_dir = train.main(["--resume", model_dir, "--n_epochs", "2", "--outputs_dir", run_dirs[3]])
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     heads = [k for k in state["discriminator"] if k.startswith("projected.heads") and k.endswith("weight")]
@@ -225,4 +228,4 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     recipe = train.parse_args(train.ORIGINAL_RECIPE)[0]
     assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
-    assert recipe.style_dim == 0 and not train.model_config(recipe)["style_encoder"]
+    assert recipe.style_dim == 0 and not train.model_config(recipe)["style_encoder"] and recipe.ema == 0
