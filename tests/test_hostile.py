@@ -361,7 +361,10 @@ def test_entry_points_print_one_line_and_ctrl_c_says_how_to_resume(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data_dir", data, *TINY_MODEL, "--batch_size", "2",
            "--n_epochs", "1000", "--save_freq", "1", "--eval_freq", "1000", "--models_dir", str(tmp_path / "models"),
            "--outputs_dir", str(tmp_path / "outputs"), "--run_name", "c"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    # A shell starts background jobs with SIGINT ignored and children inherit that: give train.py the
+    # default handling that a terminal's Ctrl-C meets, whoever launched the tests.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "models" / "c" / "last.pth").exists() and time.time() < deadline:
         time.sleep(0.05)
