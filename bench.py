@@ -248,9 +248,12 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # as train.py does on CUDA
     torch.manual_seed(0)
     if world_size > 1:
+        import torch.distributed as dist
         result = bench_scaling(args, device, rank, world_size)
         if rank == 0:
             report(result, args.json)
+        # leaving with the process group alive can abort a rank at exit (gloo threads still running)
+        dist.destroy_process_group()
         return
     peak_cache = {}
 
