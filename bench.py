@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+import torch.distributed as dist
 
 import models
 import train
@@ -203,7 +204,6 @@ def bench_epoch(args, device, trainer):
 def bench_scaling(args, device, rank, world_size):
     """Every rank times the step alone on its own device (the 1-GPU speed), then under DDP;
     efficiency = total DDP img/s / total single img/s."""
-    import torch.distributed as dist
     config = model_config(args)
     masks_u8, images_u8 = random_batch(args.batch_size, args.img_size)
     rates = []
@@ -248,7 +248,6 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # as train.py does on CUDA
     torch.manual_seed(0)
     if world_size > 1:
-        import torch.distributed as dist
         result = bench_scaling(args, device, rank, world_size)
         if rank == 0:
             report(result, args.json)
