@@ -357,16 +357,55 @@ def write_chart(result, path):
 # ---------------------------------------------------------------------------------------------- the study
 
 
-def evaluate_downstream(args):
-    t0 = time.time()
+def real_images(args):
+    """Class names and the real train and --split images (uint8) with their class indices."""
     labels = read_labels(args.data_dir)
     if not labels:
         raise UsageError(f"{os.path.join(args.data_dir, 'labels.csv')}: no labels; downstream needs classes")
     classes = sorted(set(labels.values()))
     train, train_keep = labelled_split(args.data_dir, "train", args.img_size, labels, classes, args.num_workers)
     test, test_keep = labelled_split(args.data_dir, args.split, args.img_size, labels, classes, args.num_workers)
-    x_real, y_real = train.images[train_keep], train.labels[train_keep]
-    x_test, y_test = test.images[test_keep], test.labels[test_keep]
+    return classes, train.images[train_keep], train.labels[train_keep], test.images[test_keep], test.labels[test_keep]
+
+
+def synthetic_pool(args, classes, present, pool_size, model_path):
+    """{class: uint8 renders}, up to pool_size[class] each, from --synthetic_dir or the generator, and their source."""
+    if args.synthetic_dir:
+        available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
+        pool, source = {c: available[c][:pool_size[c]] for c in present}, f"directory {args.synthetic_dir}"
+        for c in present:
+            if len(pool[c]) < pool_size[c]:
+                print(f"warning: {c}: {pool_size[c]} synthetic images wanted, {len(available[c])} in "
+                      f"{args.synthetic_dir}; using all of them")
+    elif model_path:
+        pool, source = synthesize(model_path, args.data_dir, classes, pool_size, args), f"generator {model_path}"
+    else:
+        raise UsageError("downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
+    return pool, source
+
+
+def setting_summary(runs, n_real_per_class, n_synthetic_per_class, classes):
+    """One setting's entry of downstream.json: what it trained on and its metrics' mean and std over seeds."""
+    return {
+        "n_real": sum(n_real_per_class.values()), "n_synthetic": sum(n_synthetic_per_class.values()),
+        "n_real_per_class": n_real_per_class, "n_synthetic_per_class": n_synthetic_per_class,
+        "balanced_accuracy": mean_std([r["balanced_accuracy"] for r in runs]),
+        "accuracy": mean_std([r["accuracy"] for r in runs]),
+        "auroc": mean_std([r["auroc"] for r in runs]),
+        "recall": {c: mean_std([r["recall"][c] for r in runs]) for c in classes},
+    }
+
+
+def paired_gain(runs, baseline, positive):
+    """Gain over the baseline's runs, paired by seed: the same seed draws the same initialisation, so
+    the difference has less noise than the difference of the means."""
+    return {"balanced_accuracy": mean_std([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(runs, baseline)]),
+            "positive_recall": mean_std([a["recall"][positive] - b["recall"][positive] for a, b in zip(runs, baseline)])}
+
+
+def evaluate_downstream(args):
+    t0 = time.time()
+    classes, x_real, y_real, x_test, y_test = real_images(args)
     counts = torch.bincount(y_real, minlength=len(classes))
     present = [c for c, n in zip(classes, counts.tolist()) if n > 0]
     if len(present) < 2:
@@ -379,23 +418,13 @@ def evaluate_downstream(args):
     # every setting but real_only draws on one pool of renders per class: the minority top-up for
     # real + synthetic, a synthetic twin of the real train split (same size per class) for the others
     twin_settings = {"real_plus_twin", "synthetic_only", "synthetic_then_real"}
+    real_per_class = {c: int(counts[classes.index(c)]) for c in present}
     wanted = {c: max(requested[c] if "real_plus_synthetic" in settings else 0,
-                     int(counts[classes.index(c)]) if set(settings) & twin_settings else 0)
+                     real_per_class[c] if set(settings) & twin_settings else 0)
               for c in present}
     pool_size = {c: math.ceil(n / (1 - args.reject)) for c, n in wanted.items()}
-
     model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
-    if args.synthetic_dir:
-        available = read_synthetic_dir(args.synthetic_dir, classes, args.img_size)
-        pool, source = {c: available[c][:pool_size[c]] for c in present}, f"directory {args.synthetic_dir}"
-        for c in present:
-            if len(pool[c]) < pool_size[c]:
-                print(f"warning: {c}: {pool_size[c]} synthetic images wanted, {len(available[c])} in "
-                      f"{args.synthetic_dir}; using all of them")
-    elif model_path:
-        pool, source = synthesize(model_path, args.data_dir, classes, pool_size, args), f"generator {model_path}"
-    else:
-        raise UsageError("downstream needs --synthetic_dir DIR or a generator (--model_folder / --model_path)")
+    pool, source = synthetic_pool(args, classes, present, pool_size, model_path)
     pool = {c: pool.get(c, x_real[:0]) for c in present}  # a class nothing was rendered for: no images
     lacking = [c for c in present if not len(pool[c])]
     needs_every_class = [s for s in settings if s in twin_settings]
@@ -415,7 +444,7 @@ def evaluate_downstream(args):
             if s == "real_only":
                 x, y = x_real, y_real
             else:
-                take = {c: requested[c] if s == "real_plus_synthetic" else int(counts[classes.index(c)]) for c in present}
+                take = requested if s == "real_plus_synthetic" else real_per_class
                 syn = {c: ranked[c][:take[c]] for c in present}
                 n_syn[s] = {c: len(v) for c, v in syn.items()}
                 x_syn = torch.cat([syn[c] for c in present])
@@ -448,28 +477,13 @@ def evaluate_downstream(args):
         "synthetic_source": source, "minority_to": target, "minority_classes": minority,
         "positive_class": pos, "positive_class_reason": pos_reason,
         "n_test": len(y_test), "n_test_per_class": {c: int((y_test == i).sum()) for i, c in enumerate(classes)},
-        "synthetic_requested_per_class": {c: requested[c] for c in present},
-        "settings": {}, "gain_over_real_only": {},
+        "synthetic_requested_per_class": requested,
+        "settings": {s: setting_summary(runs[s], {c: 0 if s == "synthetic_only" else n for c, n in real_per_class.items()},
+                                        n_syn[s], classes) for s in settings},
+        "gain_over_real_only": {s: paired_gain(runs[s], runs["real_only"], pos)
+                                for s in settings if s != "real_only" and "real_only" in settings},
     }
-    for s in settings:
-        result["settings"][s] = {
-            "n_real": 0 if s == "synthetic_only" else len(y_real), "n_synthetic": sum(n_syn[s].values()),
-            "n_real_per_class": {c: 0 if s == "synthetic_only" else int(counts[classes.index(c)]) for c in present},
-            "n_synthetic_per_class": n_syn[s],
-            "balanced_accuracy": mean_std([r["balanced_accuracy"] for r in runs[s]]),
-            "accuracy": mean_std([r["accuracy"] for r in runs[s]]),
-            "auroc": mean_std([r["auroc"] for r in runs[s]]),
-            "recall": {c: mean_std([r["recall"][c] for r in runs[s]]) for c in classes},
-        }
-        if s != "real_only" and "real_only" in settings:
-            # paired by seed: the same seed draws the same initialisation, so the difference has less noise
-            result["gain_over_real_only"][s] = {
-                "balanced_accuracy": mean_std([a["balanced_accuracy"] - b["balanced_accuracy"]
-                                               for a, b in zip(runs[s], runs["real_only"])]),
-                "positive_recall": mean_std([a["recall"][pos] - b["recall"][pos] for a, b in zip(runs[s], runs["real_only"])]),
-            }
     result["seconds"] = round(time.time() - t0, 1)
-
     out_dir = args.output_dir or default_output_dir(model_path)
     os.makedirs(out_dir, exist_ok=True)
     write_json(result, os.path.join(out_dir, "downstream.json"))
