@@ -407,18 +407,18 @@ def evaluate_downstream(args):
     t0 = time.time()
     classes, x_real, y_real, x_test, y_test = real_images(args)
     counts = torch.bincount(y_real, minlength=len(classes))
-    present = [c for c, n in zip(classes, counts.tolist()) if n > 0]
+    real_per_class = {c: n for c, n in zip(classes, counts.tolist()) if n > 0}
+    present = list(real_per_class)
     if len(present) < 2:
         raise UsageError(f"need at least two classes in the train split, found {present}")
     settings = args.settings
-    target = args.minority_to if args.minority_to is not None else int(counts.max())
-    requested = {c: max(0, target - int(n)) for c, n in zip(classes, counts.tolist()) if n > 0}
+    target = args.minority_to if args.minority_to is not None else max(real_per_class.values())
+    requested = {c: max(0, target - n) for c, n in real_per_class.items()}
     minority = [c for c, n in requested.items() if n > 0]
     pos, pos_reason = positive_class(present, minority)
     # every setting but real_only draws on one pool of renders per class: the minority top-up for
     # real + synthetic, a synthetic twin of the real train split (same size per class) for the others
     twin_settings = {"real_plus_twin", "synthetic_only", "synthetic_then_real"}
-    real_per_class = {c: int(counts[classes.index(c)]) for c in present}
     wanted = {c: max(requested[c] if "real_plus_synthetic" in settings else 0,
                      real_per_class[c] if set(settings) & twin_settings else 0)
               for c in present}
