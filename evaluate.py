@@ -1,6 +1,7 @@
 """Evaluate a trained Skin Lesion PixelGAN: realism on a split, and training curves.
 
-Realism (paired L1/PSNR/SSIM, FID/KID with a real-vs-real reference, diversity) on a split:
+Realism (paired L1/PSNR/SSIM, FID/KID with a real-vs-real reference and on a second network, the texture
+artefact scores, mask agreement, diversity) on a split:
     python evaluate.py --model_folder pixelgan_models/<TS> --data_dir data [--split test]
         -> pixelgan_outputs/<TS>/eval_epoch_<E>/{per_image.csv, summary.json}
 
@@ -81,8 +82,30 @@ def diversity_block(generator, config, masks, labels, args):
     variations = [models.render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
                          batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
                   for k in tqdm(range(args.n_variations), desc="diversity", unit="render", disable=None)]
-    value, distance = metrics.diversity(to_model_range(torch.stack(variations, 1), "cpu"))
-    return {"status": "ok", "value": value, "distance": distance, "n_masks": n_masks, "n_variations": args.n_variations}
+    variations = torch.stack(variations, 1)
+    value, distance = metrics.diversity(to_model_range(variations, "cpu"))
+    return {"status": "ok", "value": value, "distance": distance, "texture": metrics.texture_diversity(variations),
+            "n_masks": n_masks, "n_variations": args.n_variations}
+
+
+def mask_dice(images_uint8, masks_uint8):
+    """Mean Dice between preprocess.py's OpenCV lesion segmentation of each image and its mask: whether a
+    render still shows the lesion its mask draws, read beside the same number for the real photographs."""
+    from preprocess import segment_lesion
+    dice = []
+    for image, mask in zip(images_uint8, masks_uint8):
+        found = segment_lesion(image.permute(1, 2, 0).contiguous().numpy()) > 0
+        truth = mask[0].numpy() > 127
+        total = found.sum() + truth.sum()
+        dice.append(2 * (found & truth).sum() / total if total else 1.0)
+    return float(sum(dice) / len(dice))
+
+
+def texture_block(fake_uint8, real_uint8, masks_uint8):
+    """The artefact scores (metrics.grid_score, repeat_score) and mask agreement, generated beside real."""
+    return {name: {"grid": metrics.grid_score(images), "repeat": metrics.repeat_score(images),
+                   "mask_dice": mask_dice(images, masks_uint8)}
+            for name, images in (("generated", fake_uint8), ("real", real_uint8))}
 
 
 def print_realism_table(summary):
@@ -104,9 +127,19 @@ def print_realism_table(summary):
         m = dist["n_generated"]
         print(f"  {f'FID ({m} vs {m})':<22}{fmt(full['fid'], '.2f'):>24}")
         print(f"  {'KID x1000':<22}{fmt(1000 * full['kid_mean'], '.2f') + ' +- ' + fmt(1000 * full['kid_std'], '.2f'):>24}")
+    alex = summary["distribution_alex"]
+    if alex["status"] == "ok":
+        full = alex["generated_vs_real"]
+        print(f"  {'FD / KID x1000 (AlexNet)':<22}{fmt(full['fid'], '.2f') + ' / ' + fmt(1000 * full['kid_mean'], '.2f'):>24}"
+              f"{fmt(alex['real_vs_real_reference']['fid'], '.2f') + ' (halves)':>28}")
+    gen, real = summary["texture"]["generated"], summary["texture"]["real"]
+    print(f"  {'grid (lattice peaks)':<22}{fmt(gen['grid'], '.3f'):>24}{fmt(real['grid'], '.3f'):>28}")
+    print(f"  {'repeat (detail corr.)':<22}{fmt(gen['repeat'], '.4f'):>24}{fmt(real['repeat'], '.4f'):>28}")
+    print(f"  {'mask Dice (OpenCV)':<22}{fmt(gen['mask_dice'], '.3f'):>24}{fmt(real['mask_dice'], '.3f'):>28}")
     if div["status"] == "ok":
         label = f"diversity ({div['distance']})"
         print(f"  {label:<22}{fmt(div['value']):>24}   ({div['n_masks']} masks x {div['n_variations']} renders; 0 = ignores noise)")
+        print(f"  {'texture diversity':<22}{fmt(div['texture'], '.3f'):>24}   (1 - detail correlation of renders of one mask)")
     else:
         print(f"  {'diversity':<22}  {div['status']}")
     for name, row in summary.get("per_class", {}).items():
@@ -167,6 +200,11 @@ def evaluate_realism(args):
         summary["per_class"] = {c: {"n": int((data.labels == i).sum()), **{k: mean_finite(v[data.labels == i]) for k, v in per_image.items()}}
                                 for i, c in enumerate(classes) if bool((data.labels == i).any())}
     summary["distribution"] = distribution_block(fake, data.images, args, extractor)
+    try:
+        summary["distribution_alex"] = distribution_block(fake, data.images, args, metrics.AlexFeatures())
+    except models.PretrainedWeightsError as e:
+        summary["distribution_alex"] = {"status": f"unavailable: {e}"}
+    summary["texture"] = texture_block(fake, data.images, data.masks)
     summary["diversity"] = diversity_block(generator, config, data.masks, render_labels, args)
     summary["seconds"] = round(time.time() - t0, 1)
     write_json(summary, os.path.join(out_dir, "summary.json"))

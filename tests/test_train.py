@@ -132,7 +132,7 @@ def test_diff_augment_transforms_mask_real_and_fake_alike():
 def test_quality_options_train(tiny_data, run_dirs):
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--diffaug", "color,translation,cutout",
                           "--ema", "0.9", "--upsample", "resize", "--style_dim", "4", "--lr_decay_start", "0.5",
-                          "--run_name", "q")
+                          "--noise_maps", "--l1_scale", "4", "--run_name", "q")
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     assert state["ema"] is not None and state["sched_G"]["last_epoch"] == 2
     # the sampling weights are the EMA copy, not the raw generator
@@ -144,6 +144,34 @@ def test_quality_options_train(tiny_data, run_dirs):
     a = generator.eval()(masks)
     torch.manual_seed(2)
     assert not torch.equal(a, generator(masks))  # each draw takes another style from the bank
+    # noise maps: training moved their strengths off zero, and one style code renders a new texture per draw
+    assert config["noise_maps"] and all(bool(p.abs().sum() > 0) for n, p in generator.named_parameters() if "strength" in n)
+    z = torch.zeros(2, 4)
+    torch.manual_seed(1)
+    b = generator(masks, z=z)
+    torch.manual_seed(2)
+    assert not torch.equal(b, generator(masks, z=z))
+
+
+def test_l1_scale_compares_downsampled_images(monkeypatch):
+    """--l1_scale k: the reconstruction term sees only k x k block means, so texture finer than k px is free."""
+    args = train.parse_args(["--img_size", "32", "--ngf", "4", "--ndf", "4", "--no-projected_d", "--style_dim", "0",
+                             "--l1_scale", "4"])[0]
+    t = train.build_trainer(train.model_config(args), args, torch.device("cpu"))
+    masks = torch.zeros(2, 1, 32, 32)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2 - 1.0  # +-1, block mean 0
+    monkeypatch.setattr(t, "G_train", lambda m, planes=None, z=None: torch.zeros(2, 3, 32, 32))
+    monkeypatch.setattr(train, "optimizer_step", lambda *a, **k: True)
+    losses, _ = train.train_step(t, masks, checker.expand(2, 3, 32, 32).clone())
+    assert float(losses["loss_G_l1"]) == 0  # pixel L1 would be 1
+    t.l1_scale = 1
+    assert float(train.train_step(t, masks, checker.expand(2, 3, 32, 32).clone())[0]["loss_G_l1"]) == 1
+
+
+def test_l1_scale_must_be_a_power_of_two_within_the_image(tiny_data, run_dirs):
+    for bad in ("3", "16"):
+        with pytest.raises(UsageError, match="--l1_scale"):
+            train.main(["--data_dir", tiny_data, *TINY_MODEL, "--l1_scale", bad, *run_dirs])
 
 
 def test_removed_options_are_refused_by_name_and_old_checkpoints_still_load(tiny_data, run_dirs, tmp_path, capsys):
