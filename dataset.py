@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import threading
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,18 +74,26 @@ def check_ranges(args, limits):
 
 
 def check_name(name, what="name"):
-    """name, if it is safe as one folder name; else UsageError. Class and run names become folders
-    (<output_dir>/<class>/, pixelgan_models/<run>/): a separator, '..', an absolute path or a leading
-    dot would write outside the folder given, or into a hidden one."""
+    """name in NFC form, if it is safe as one folder name and one CSV field; else UsageError. Class and
+    run names become folders (<output_dir>/<class>/, pixelgan_models/<run>/) and fields of labels.csv:
+    a separator, '..', an absolute path or a leading dot would write outside the folder given, or into a
+    hidden one; a line break or other unprintable character would split a printed line or a CSV row
+    read by hand. Letters of any script, inner spaces and punctuation such as a comma are fine (the csv
+    module quotes them). NFC, because the same accented name typed on another system, or listed back by
+    macOS, may come in decomposed form and must still be the same class."""
     problem = None
+    if isinstance(name, str):
+        name = unicodedata.normalize("NFC", name)
     if not isinstance(name, str) or not name:
         problem = "is empty"
     elif name != name.strip():
         problem = "starts or ends with white space"
     elif name.startswith("."):
         problem = "starts with '.' ('.', '..' and hidden folders are not allowed)"
-    elif any(c in name for c in '/\\:*?"<>|') or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = 'contains a path separator or one of : * ? " < > | or a control character'
+    elif any(c in name for c in '/\\:*?"<>|'):
+        problem = 'contains a path separator or one of : * ? " < > |'
+    elif not name.isprintable():  # also line and paragraph separators (U+2028...), which splitlines() breaks at
+        problem = "contains a line break, tab or other unprintable character"
     elif len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
         problem = f"is longer than {NAME_MAX_BYTES} bytes"
     elif name.lower() == LABELS_FILE:
@@ -92,6 +101,15 @@ def check_name(name, what="name"):
     if problem:
         raise UsageError(f"{what} {name!r} {problem}; it must work as a single folder name")
     return name
+
+
+def ascii_int(text):
+    """The number a file name or CSV field spells in ASCII digits, else None. str.isdigit() is not that
+    test: it is true for '²', which int() refuses, and int() itself takes '٣' and surrounding spaces.
+    At most 18 digits (an int64), which also keeps int() clear of its 4300-digit limit."""
+    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return None
 
 
 def check_device(name):
@@ -197,9 +215,10 @@ def atomic_path(path):
 
 
 def write_csv(path, header, rows):
-    """A CSV written atomically (see atomic_path)."""
+    """A CSV written atomically (see atomic_path), in UTF-8 whatever the locale: read_label_table reads
+    UTF-8, and a class name in another script must come back as it went in."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
@@ -251,10 +270,20 @@ def save_png(image_uint8, path):
 
 def list_images(folder):
     """{stem: path} of the image files in a folder (extension case ignored). Hidden files (macOS '._x.png'
-    forks, temporary files) and anything but regular files (a FIFO would block the reader) are left out."""
-    return {os.path.splitext(name)[0]: os.path.join(folder, name)
-            for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_EXTENSIONS)
-            and not name.startswith(".") and os.path.isfile(os.path.join(folder, name))}
+    forks, temporary files) and anything but regular files (a FIFO would block the reader) are left out.
+    Pairs, labels and output names are keyed by stem, so of two files with one stem (a.jpg, a.png) the
+    first by name is used and the other named on stderr, as preprocess.py does."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or name.startswith(".") or not os.path.isfile(path):
+            continue
+        stem = os.path.splitext(name)[0]
+        if stem in found:
+            print(f"skipping {path}: same stem as {found[stem]}", file=sys.stderr)
+        else:
+            found[stem] = path
+    return found
 
 
 def find_pairs(folder):
@@ -281,11 +310,16 @@ def read_label_table(path):
     """{stem: (class name, lesion id or None)} from a labels CSV. The format is told by its header:
     HAM10000 metadata, ISIC 2017 ground truth, ISIC 2018/2019 one-hot, isic-cli metadata.csv, or plain
     image_id,label / image_id,diagnosis (what preprocess.py writes, with a split column). Class names
-    are checked to be safe folder names; an id listed again with another label, or with none, is
+    are checked (and NFC-normalised) by check_name; an id listed again with another label, or with none, is
     reported and the last label wins. Refusals are UsageErrors naming the file (and line)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows, starts, end = [], [], 0
+            for r in reader:  # a quoted field may span lines: messages name the line a row starts on
+                rows.append(r)
+                starts.append(end + 1)
+                end = reader.line_num
     except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{path}: not a readable CSV file ({str(e)[:100]})") from None
     if not rows:
@@ -298,7 +332,8 @@ def read_label_table(path):
         i = col.get(name)
         return r[i].strip() if i is not None and i < len(r) else ""
 
-    diag_cols = sorted((h for h in low if h.startswith("diagnosis_") and h[10:].isdigit()), key=lambda h: int(h[10:]))
+    diag_cols = sorted((h for h in low if h.startswith("diagnosis_") and ascii_int(h[10:]) is not None),
+                       key=lambda h: ascii_int(h[10:]))
     onehot = [h for h in header if h.lower() not in ("image", "image_id")]
     if "image_id" in col and "dx" in col:  # HAM10000
         def parse(r):
@@ -333,9 +368,13 @@ def read_label_table(path):
         raise UsageError(f"{path}: unrecognised labels header {','.join(header)!r} (expected HAM10000, "
                          "ISIC 2017/2018/2019 ground truth, isic-cli metadata.csv or image_id,label)")
     labels = {}
-    for n, r in enumerate(rows[1:], start=2):
+    for n, r in zip(starts[1:], rows[1:]):
         if not any(v.strip() for v in r):
             continue
+        if any(v.strip() for v in r[len(header):]):
+            # an unquoted comma in a class name shifts every later field: the row would be read wrongly
+            raise UsageError(f"{path}: line {n} has {len(r)} fields but the header {len(header)}; a value holding "
+                             'a comma must be quoted ("a,b"), as the csv module writes it')
         notes = []
         try:
             image_id, label, lesion = parse(r)
@@ -349,7 +388,7 @@ def read_label_table(path):
             print(f"warning: {path}: line {n}: {image_id} has no class; left unlabelled", file=sys.stderr)
             continue
         try:
-            check_name(label, "class")  # class names become folder names in generate.py --class/--balance
+            label = check_name(label, "class")  # class names become folder names in generate.py --class/--balance
         except UsageError as e:
             raise UsageError(f"{path}: line {n}: {e}") from None
         stem = strip_image_extension(image_id)

@@ -213,7 +213,7 @@ def read_synthetic_dir(folder, classes, size):
     path = os.path.join(folder, "labels.csv")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: not found (expected DIR/labels.csv with image path and label columns)")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # generate.py writes UTF-8 (dataset.write_csv)
         rows = [r for r in csv.reader(f) if r]
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if "label" in header:  # a header row; the path is whichever other column names a file

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 import models
-from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, check_device, check_name, check_ranges,
-                     jitter_masks, list_images, read_image, read_labels, run_cli, save_image_grid, save_png, to_model_range,
-                     write_csv)
+from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, ascii_int, check_device, check_name,
+                     check_ranges, jitter_masks, list_images, read_image, read_labels, run_cli, save_image_grid, save_png,
+                     to_model_range, write_csv)
 
 LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
           "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1)}
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_ranges(args, LIMITS)
     if args.class_name is not None:
-        check_name(args.class_name, "--class")
+        args.class_name = check_name(args.class_name, "--class")
     args.device = check_device(args.device)
     return args
 
@@ -118,7 +118,7 @@ def check_class_labels(output_dir):
     path = os.path.join(output_dir, LABELS_FILE)
     if os.path.lexists(path):
         try:
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), None)
         except (OSError, UnicodeDecodeError):
             header = None
@@ -135,9 +135,11 @@ def write_class_labels(output_dir):
 
 
 def existing_count(folder):
+    """The next free gen_<n>.png number in a class folder (files not named so do not count)."""
     if not os.path.isdir(folder):
         return 0
-    return 1 + max((int(n[4:-4]) for n in os.listdir(folder) if n.startswith("gen_") and n[4:-4].isdigit()), default=-1)
+    numbers = (ascii_int(n[4:-4]) for n in os.listdir(folder) if n.startswith("gen_") and n.endswith(".png"))
+    return 1 + max((k for k in numbers if k is not None), default=-1)
 
 
 def output_names(dataset, total):

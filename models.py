@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import jitter_masks, to_model_range, to_uint8
+from dataset import ascii_int, jitter_masks, to_model_range, to_uint8
 
 DEFAULT_CONFIG = dict(
     img_size=128,
@@ -678,8 +678,9 @@ def epoch_checkpoints(folder, kind="generator"):
     found = {}
     prefix = f"{kind}_epoch_"
     for name in os.listdir(folder):
-        if name.startswith(prefix) and name.endswith(".pth") and name[len(prefix):-4].isdigit():
-            found[int(name[len(prefix):-4])] = os.path.join(folder, name)
+        epoch = ascii_int(name[len(prefix):-4]) if name.startswith(prefix) and name.endswith(".pth") else None
+        if epoch is not None:  # generator_epoch_best.pth, _².pth and the like are not this script's files
+            found[epoch] = os.path.join(folder, name)
     return found
 
 
@@ -703,8 +704,8 @@ def checkpoint_epoch(path, ckpt):
     if isinstance(ckpt.get("epoch"), int):
         return ckpt["epoch"]
     stem = os.path.splitext(os.path.basename(path))[0]
-    tail = stem.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else "unknown"
+    epoch = ascii_int(stem.rsplit("_", 1)[-1])
+    return "unknown" if epoch is None else epoch
 
 
 def run_name(model_path):

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dataset import (EXTREME_ASPECT, IMAGE_EXTENSIONS, LABELS_FILE, MAX_PIXELS, ArgumentParser, Range, UsageError,
-                     binarize_mask, check_ranges, describe_os_error, read_label_table, run_cli, strip_image_extension,
+                     ascii_int, binarize_mask, check_ranges, describe_os_error, read_label_table, run_cli, strip_image_extension,
                      write_csv, write_image)
 from demo_data import make_demo_dataset
 
@@ -46,6 +46,7 @@ MASK_SUFFIXES = ("_segmentation",)  # matched case-insensitively, so _Segmentati
 # Ground-truth masks may also be GIFs (some segmentation tools write them); PIL reads those here, and the
 # masks preprocess writes are PNGs, so the OpenCV readers downstream never see a GIF.
 MASK_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif")
+MIN_PAIRS = 2  # one for train, one for test: train.py refuses a split with either side empty
 SPLIT_ENTRIES = ("train", "test", LABELS_FILE)  # what a split in --data_dir consists of (and --overwrite replaces)
 # PIL's own guard warns at MAX_IMAGE_PIXELS and only raises at twice that; we check the
 # size ourselves before decoding, and keep PIL's limit as a second line of defence
@@ -288,8 +289,10 @@ def split_ids(ids, test_split, seed, labels=None, groups=None):
 # one pair
 
 
-def _mask_index(mask_dir):
-    """{id: mask path}, accepting <id>.png, <id>_segmentation.png, <id>_Segmentation.png, ..."""
+def _mask_index(mask_dir, skipped):
+    """{id: mask path}, accepting <id>.png, <id>_segmentation.png, <id>_Segmentation.png, ... Of two
+    masks for one id, an exact <id>.* wins over <id>_segmentation.*, else the first by name; the other
+    is named, never dropped silently."""
     index = {}
     for p in sorted(Path(mask_dir).iterdir()):
         if not p.is_file() or p.suffix.lower() not in MASK_EXTENSIONS:
@@ -298,9 +301,12 @@ def _mask_index(mask_dir):
         for suf in MASK_SUFFIXES:
             if stem.lower().endswith(suf):
                 stem = stem[:-len(suf)]
-        # an exact <id>.png wins over <id>_segmentation.* if both exist
-        if stem not in index or p.stem == stem:
-            index[stem] = p
+        if stem in index:
+            exact = p.stem == stem and index[stem].stem != stem
+            kept, dropped = (p, index[stem]) if exact else (index[stem], p)
+            skipped.add("duplicate mask", f"{dropped}: a second mask for '{stem}'; using {kept}")
+            p = kept
+        index[stem] = p
     return index
 
 
@@ -466,10 +472,10 @@ def open_output_folder(data_dir):
 def _remove_stale_work_folders(data_dir):
     # .staging-<pid> / .old-<pid> of a run that was killed (kill -9, power loss) before it could clean up
     for p in list(data_dir.glob(".staging-*")) + list(data_dir.glob(".old-*")):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
+        pid = ascii_int(p.name.rsplit("-", 1)[-1])
+        if pid is not None and pid != os.getpid():
             try:
-                os.kill(int(pid), 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 shutil.rmtree(p, ignore_errors=True)
             except OSError:
@@ -528,7 +534,7 @@ def pair_masks(images, mask_dir, skipped):
         return {}
     if not Path(mask_dir).is_dir():
         raise UsageError(f"mask folder {mask_dir} does not exist or is not a folder")
-    index = _mask_index(mask_dir)
+    index = _mask_index(mask_dir, skipped)
     masks = {}
     for stem in list(images):
         if stem in index:
@@ -617,14 +623,27 @@ def process_pairs(images, masks, out_dir, args, skipped):
 
 def split_pairs(good, labels, train_ids, test_ids, args):
     """(train, test) stems. An id list decides where given; otherwise a seeded split, stratified by
-    class and keeping each lesion's images on one side when labels say so."""
+    class and keeping each lesion's images on one side when labels say so. A split with either side
+    empty is refused: train.py cannot train on it (nor evaluate without a test pair)."""
     if train_ids is not None:
-        return [s for s in good if s in train_ids], [s for s in good if s not in train_ids]
-    if test_ids is not None:
-        return [s for s in good if s not in test_ids], [s for s in good if s in test_ids]
-    cls = {s: labels[s][0] for s in good} if labels else None
-    groups = {s: labels[s][1] for s in good if labels[s][1]} if labels else None
-    return split_ids(good, args.test_split, args.seed, cls, groups)
+        train, test = [s for s in good if s in train_ids], [s for s in good if s not in train_ids]
+    elif test_ids is not None:
+        train, test = [s for s in good if s not in test_ids], [s for s in good if s in test_ids]
+    else:
+        cls = {s: labels[s][0] for s in good} if labels else None
+        groups = {s: labels[s][1] for s in good if labels[s][1]} if labels else None
+        train, test = split_ids(good, args.test_split, args.seed, cls, groups)
+    if train and test:
+        return train, test
+    empty = "test" if train else "train"
+    if len(good) < MIN_PAIRS:
+        raise UsageError(f"only {len(good)} usable image in {args.source_dir}: a split needs at least {MIN_PAIRS}, "
+                         "one for train and one for test")
+    if train_ids is not None or test_ids is not None:
+        raise UsageError(f"the id lists leave the {empty} split without any of the {len(good)} usable images; "
+                         "list at least one for each side")
+    raise UsageError(f"all {len(good)} usable images belong to one lesion (lesion_id in {args.labels}), which must stay "
+                     f"on one side; a split needs at least {MIN_PAIRS} lesions")
 
 
 def write_split(stage, data_dir, train, test, labels):

@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import models
-from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_path, check_device, check_memory, check_name,
-                     check_ranges, describe_os_error, read_labels, run_cli, save_image_grid, to_model_range, to_uint8)
+from dataset import (ArgumentParser, PairedDataset, Range, UsageError, ascii_int, atomic_path, check_device, check_memory,
+                     check_name, check_ranges, describe_os_error, read_labels, run_cli, save_image_grid, to_model_range, to_uint8)
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
@@ -686,7 +686,8 @@ def open_run_outputs(args, config, model_dir, out_dir, start_epoch, resume_step)
     keep = []
     if resume_step is not None and os.path.exists(metrics_path):
         with open(metrics_path, newline="") as f:
-            keep = [row for row in csv.DictReader(f) if (row.get("epoch") or "").isdigit() and int(row["epoch"]) < start_epoch]
+            keep = [row for row in csv.DictReader(f)
+                    if (epoch := ascii_int(row.get("epoch"))) is not None and epoch < start_epoch]
     with atomic_path(metrics_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRICS_COLUMNS, extrasaction="ignore")
         w.writeheader()

@@ -4,6 +4,7 @@ Each test builds its bad input on the fly in a temp folder and asserts what the 
 so it fails if that protection breaks. Scripts run in-process through dataset.run_cli (what their
 __main__ does); two tests start real processes for the entry points themselves (Ctrl-C, a bad file).
 """
+import argparse
 import csv
 import errno
 import os
@@ -461,3 +462,164 @@ def test_full_pipeline_writes_only_into_the_folders_it_is_given(tmp_path, monkey
     assert new == {"data", "models", "outputs", "gen", "bal", "eval"}, new
     assert os.listdir(cwd) == []
     assert not [k for k in after if os.path.basename(k).startswith((".tmp", ".staging", ".old"))]
+
+
+# ---------------------------------------------------------------------- a source too small to split
+
+def test_a_source_too_small_to_split_is_refused_naming_the_minimum(tmp_path, capsys):
+    src, masks = raw_images(str(tmp_path / "raw"), 3)
+    one = tmp_path / "one"
+    (one / "images").mkdir(parents=True)
+    (one / "masks").mkdir()
+    os.replace(os.path.join(src, "img_00.jpg"), one / "images" / "img_00.jpg")
+    os.replace(os.path.join(masks, "img_00.png"), one / "masks" / "img_00.png")
+    code, err = cli(capsys, preprocess, "--source_dir", one / "images", "--mask_dir", one / "masks", "--data_dir",
+                    tmp_path / "data", "--img_size", 16, "--test_split", 0.1)
+    refused(code, err, str(one / "images"), "at least 2")
+    assert not (tmp_path / "data").exists()
+    # one side empty for other reasons: every image of one lesion, an id list that takes them all
+    lesion = tmp_path / "lesion.csv"
+    lesion.write_text("image_id,dx,lesion_id\nimg_01,mel,HAM_1\nimg_02,nv,HAM_1\n")
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--labels", lesion, "--data_dir",
+                    tmp_path / "data", "--img_size", 16)
+    refused(code, err, "one lesion", "at least 2 lesions")
+    (tmp_path / "all.txt").write_text("img_01\nimg_02\n")
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--train_ids", tmp_path / "all.txt",
+                    "--data_dir", tmp_path / "data", "--img_size", 16)
+    refused(code, err, "test split")
+    assert not (tmp_path / "data").exists()
+    # the minimum itself makes a split that train.py trains on
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--data_dir", tmp_path / "data",
+                    "--img_size", 32, "--test_split", 0.1)
+    assert code == 0, err
+    code, err = cli(capsys, train, "--data_dir", tmp_path / "data", *TINY_MODEL, "--n_epochs", 1, "--models_dir",
+                    tmp_path / "models", "--outputs_dir", tmp_path / "outputs", "--run_name", "two")
+    assert code == 0, err
+
+
+# ---------------------------------------------------- numbers in file names and CSV fields: ASCII digits
+
+def test_numbers_in_names_are_ascii_digits_only(run, tmp_path, capsys):
+    data, model_dir, _ = run
+    # '²' passes str.isdigit() but not int(); '٣' passes int() but is no epoch this script wrote
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with open(os.path.join(model_dir, "generator_epoch_1.pth"), "rb") as f:
+        (folder / "generator_epoch_1.pth").write_bytes(f.read())
+    for name in ("generator_epoch_².pth", "generator_epoch_٣.pth", "generator_epoch_1².pth"):
+        (folder / name).write_bytes(b"not a checkpoint")
+    assert models.epoch_checkpoints(str(folder)) == {1: str(folder / "generator_epoch_1.pth")}
+    assert models.checkpoint_epoch("generator_epoch_².pth", {}) == "unknown"
+    # gen_<n>.png numbering of a class folder that holds such a file
+    labels = tmp_path / "labels.csv"
+    stems = [n[:-4] for n in sorted(os.listdir(os.path.join(data, "train", "masks")))]
+    labels.write_text("image_id,label\n" + "".join(f"{s},nevus\n" for s in stems))
+    (tmp_path / "out" / "nevus").mkdir(parents=True)
+    (tmp_path / "out" / "nevus" / "gen_².png").write_bytes(b"someone's file")
+    code, err = cli(capsys, generate, "--model_folder", folder, "--input_dir", os.path.join(data, "train"), "--labels",
+                    labels, "--class", "nevus", "--num_images", 2, "--output_dir", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out" / "nevus")) == ["gen_0.png", "gen_1.png", "gen_².png"]
+    # metrics.csv rows of a resumed run, and a metadata column's level number
+    out_dir = tmp_path / "outputs"
+    out_dir.mkdir()
+    (out_dir / "metrics.csv").write_text("epoch,step\n1,10\n²,20\n٣,30\n2,40\n")
+    train.open_run_outputs(argparse.Namespace(no_tensorboard=True), {}, str(tmp_path / "m"), str(out_dir), 2, 10)
+    assert (out_dir / "metrics.csv").read_text().splitlines()[1:] == ["1,10,,,,,,,,"]
+    meta = tmp_path / "metadata.csv"
+    meta.write_text("isic_id,diagnosis_1,diagnosis_²\nISIC_1,benign,nevus\n")
+    assert dataset.read_label_table(meta) == {"ISIC_1": ("benign", None)}
+    # a stale work folder of preprocess with such a 'pid'
+    src, masks = raw_images(str(tmp_path / "raw"), 4)
+    (tmp_path / "pdata" / ".staging-²").mkdir(parents=True)
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--data_dir", tmp_path / "pdata",
+                    "--img_size", 16)
+    assert code == 0, err
+
+
+# --------------------------------------------------------------------- what a class name may be
+
+def test_class_names_any_script_and_commas_round_trip_control_characters_refused(tmp_path, capsys):
+    src, masks = raw_images(str(tmp_path / "raw"), 6)
+    decomposed = "cafe\u0301"  # as macOS may spell it; 'café' typed on the command line is the same class
+    names = ["a,b", decomposed, "日本"]
+    with open(tmp_path / "raw" / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("image_id", "label")] + [(f"img_{i:02d}", names[i % 3]) for i in range(6)])
+    data = tmp_path / "data"
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--labels", tmp_path / "raw" / "labels.csv",
+                    "--data_dir", data, "--img_size", 32, "--test_split", 0.5)
+    assert code == 0, err
+    assert sorted(set(dataset.read_labels(str(data)).values())) == ["a,b", "café", "日本"]
+    code, err = cli(capsys, train, "--data_dir", data, *TINY_MODEL, "--n_epochs", 1, "--conditional",
+                    "--models_dir", tmp_path / "models", "--outputs_dir", tmp_path / "outputs", "--run_name", "c")
+    assert code == 0, err
+    out = tmp_path / "out"
+    for name in ("a,b", "café"):
+        code, err = cli(capsys, generate, "--model_folder", tmp_path / "models" / "c", "--input_dir", data / "train",
+                        "--class", name, "--num_images", 1, "--output_dir", out)
+        assert code == 0, err
+    with open(out / "labels.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["image", "label"], ["a,b/gen_0.png", "a,b"], ["café/gen_0.png", "café"]]
+    assert sorted(os.listdir(out)) == ["a,b", "café", "labels.csv"]
+
+    # a line break of any kind, a tab: refused the same way by preprocess, train and generate
+    for bad in ("a\nb", "a\u2028b", "a\tb", "a\x85b"):
+        table = tmp_path / "bad.csv"
+        with open(table, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("image_id", "label", "split"), ("img_00", "nevus", "train"), ("img_01", bad, "train")])
+        code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--labels", table,
+                        "--data_dir", tmp_path / "bad_data", "--img_size", 16)
+        refused(code, err, str(table), "line 3", repr(bad), "unprintable")
+        os.replace(table, data / "labels.csv")
+        code, err = cli(capsys, train, "--data_dir", data, *TINY_MODEL, "--conditional", "--models_dir", tmp_path / "models")
+        refused(code, err, str(data / "labels.csv"), repr(bad))
+        code, err = cli(capsys, generate, "--model_folder", tmp_path / "models" / "c", "--input_dir", data / "train",
+                        "--balance", "--output_dir", tmp_path / "bal")
+        refused(code, err, str(data / "labels.csv"), repr(bad))
+        code, err = cli(capsys, generate, "--model_folder", tmp_path / "models" / "c", "--input_dir", data / "train",
+                        "--class", bad, "--output_dir", tmp_path / "bal")
+        refused(code, err, "--class", repr(bad))
+    assert not (tmp_path / "bad_data").exists() and not (tmp_path / "bal").exists()
+    # a comma left unquoted would shift the fields and label the image wrongly: refused, naming the line
+    (tmp_path / "unquoted.csv").write_text("image_id,label\nimg_00,nevus\nimg_01,a,b\n")
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--labels", tmp_path / "unquoted.csv",
+                    "--data_dir", tmp_path / "bad_data", "--img_size", 16)
+    refused(code, err, "unquoted.csv", "line 3", "quoted")
+
+
+# ------------------------------------------------------------------- two mask files with one stem
+
+def test_two_masks_with_one_stem_name_the_one_dropped(run, tmp_path, capsys):
+    data, model_dir, _ = run
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    small, large = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    small[12:20, 12:20], large[4:28, 4:28] = 255, 255
+    cv2.imwrite(str(flat / "a.jpg"), small)
+    cv2.imwrite(str(flat / "a.png"), large)
+    cv2.imwrite(str(flat / "b.png"), large)
+    code, err = cli(capsys, generate, "--model_folder", model_dir, "--input_dir", flat, "--output_dir", tmp_path / "g")
+    assert code == 0, err
+    assert f"skipping {flat / 'a.png'}: same stem as {flat / 'a.jpg'}" in err.splitlines(), err
+    assert sorted(n for n in os.listdir(tmp_path / "g") if n.startswith("gen_only")) == ["gen_only_a.png", "gen_only_b.png"]
+    # the masks/ of a split folder, as train.py and evaluate.py read it
+    split = tmp_path / "split"
+    (split / "masks").mkdir(parents=True)
+    (split / "originals").mkdir()
+    for name in ("a.jpg", "a.png"):
+        cv2.imwrite(str(split / "masks" / name), large)
+    cv2.imwrite(str(split / "originals" / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    capsys.readouterr()
+    assert [stem for stem, _, _ in dataset.find_pairs(str(split))] == ["a"]
+    assert str(split / "masks" / "a.png") in capsys.readouterr().err
+    # preprocess --mask_dir: the same rule, with the exact <id>.* preferred to <id>_segmentation.*
+    src, masks = raw_images(str(tmp_path / "raw"), 4)
+    cv2.imwrite(os.path.join(masks, "img_00.jpg"), cv2.imread(os.path.join(masks, "img_00.png")))
+    cv2.imwrite(os.path.join(masks, "img_01_segmentation.png"), cv2.imread(os.path.join(masks, "img_01.png")))
+    code, err = cli(capsys, preprocess, "--source_dir", src, "--mask_dir", masks, "--data_dir", tmp_path / "pdata",
+                    "--img_size", 16)
+    assert code == 0, err
+    dropped = [line for line in err.splitlines() if line.startswith("skipping")]
+    assert len(dropped) == 2, err
+    assert os.path.join(masks, "img_00.png") in dropped[0] and os.path.join(masks, "img_01_segmentation.png") in dropped[1]
