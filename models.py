@@ -28,6 +28,7 @@ DEFAULT_CONFIG = dict(
     norm="batch",
     upsample="transpose",  # transpose | resize (bilinear upsample + 3x3 conv, no checkerboard)
     noise_maps=False,     # per-pixel noise at every decoder level, learned strength per channel (StyleGAN)
+    padding="zeros",      # zeros | reflect: the generator's convolutions (transposed ones always pad with zeros)
     res_min_size=4,       # residual blocks at every level whose feature map is between these sizes
     res_max_size=32,
     dropout=0.5,
@@ -59,6 +60,8 @@ def make_config(**overrides):
         raise ValueError("style_encoder needs noise_dim >= 1 (the size of the style code)")
     if config["projected_d"] and size < 32:
         raise ValueError(f"projected_d needs img_size >= 32 (the deepest feature tap is img_size / 32 px), got {size}")
+    if config["padding"] not in ("zeros", "reflect"):
+        raise ValueError(f"padding must be 'zeros' or 'reflect', got {config['padding']!r}")
     if config["upsample"] not in ("transpose", "resize"):
         raise ValueError(f"upsample must be 'transpose' or 'resize', got {config['upsample']!r}")
     return config
@@ -183,6 +186,12 @@ class Generator(nn.Module):
             upsample, conv = (nn.Identity(), out) if c["upsample"] == "transpose" else out
             out = nn.Sequential(upsample, NoiseMap(2 * widths[0]), conv)
         self.out = nn.Sequential(out, nn.Tanh())
+        if c["padding"] == "reflect":
+            # Zero padding tells every layer where the image edge is: the decoder then draws a frame line and
+            # marks at fixed distances from it, identical in every render. Reflected borders carry no position.
+            for m in self.modules():
+                if type(m) is nn.Conv2d and any(m.padding):
+                    m.padding_mode = "reflect"
 
     def forward(self, masks, class_planes=None, z=None):
         x = masks if class_planes is None else torch.cat([masks, class_planes], 1)

@@ -29,7 +29,7 @@ from dataset import (ArgumentParser, PairedDataset, Range, UsageError, ascii_int
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
-                   "--upsample", "transpose", "--no-noise_maps", "--style_dim", "0", "--ema", "0"]
+                   "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
+    p.add_argument("--padding", choices=["zeros", "reflect"], default=models.DEFAULT_CONFIG["padding"],
+                   help="the generator's convolution padding; reflect gives no layer the image edge to anchor marks to")
     p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=False,
                    help="per-pixel noise at every decoder level with a learned strength per channel (StyleGAN), so that "
                         "texture is drawn anew for every render instead of stamped at fixed pixels")
@@ -100,6 +102,7 @@ def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
         img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample, noise_maps=args.noise_maps,
+        padding=args.padding,
         d_scales=args.d_scales, projected_d=args.projected_d, noise_dim=args.style_dim, style_encoder=args.style_dim > 0,
         n_classes=len(classes), classes=list(classes))
 
