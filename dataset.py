@@ -576,3 +576,248 @@ def save_image_grid(rows, path, columns=False):
     if columns:
         grid = grid.transpose(0, 1)
     save_png(make_grid(grid.flatten(0, 1), nrow=grid.shape[1], padding=2), path)
+
+
+# ------------------------------------------------------------------------------------- new lesion masks
+
+MASK_METHODS = ("elastic", "fourier")
+MASK_MARGIN = 0.02  # share of the side a new lesion keeps clear of the frame: one touching it looks cut off
+MIN_AREA = 0.005  # share of the image below which a new "lesion" is a speck, not a lesion
+MASK_TRIES = 100  # draws per new mask before giving up (a few percent fail the checks in practice)
+FOURIER_TERMS = 12  # harmonics kept each side: enough for lobes and notches, too few for pixel noise
+CONTOUR_POINTS = 128
+
+
+def mask_problem(mask, margin=1):
+    """Why a 2-D mask (nonzero = lesion) is not one whole lesion inside the frame, or None: empty, all
+    lesion, several parts, a hole, or lesion within `margin` pixels of the frame."""
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return "is empty"
+    if m.all():
+        return "is all lesion"
+    parts = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)[0] - 1
+    if parts > 1:
+        return f"has {parts} separate parts"
+    # a hole is background that cannot reach the frame; 4-connected, the dual of 8-connected lesion
+    outside = cv2.connectedComponents(np.pad(~m, 1, constant_values=True).astype(np.uint8), connectivity=4)[0] - 1
+    if outside > 1:
+        return "has a hole"
+    b = max(1, int(margin))
+    if m[:b].any() or m[-b:].any() or m[:, :b].any() or m[:, -b:].any():
+        return "touches the frame"
+    return None
+
+
+def _one_lesion(m):
+    """A deformed mask with its holes filled and specks (< 5% of the largest part) dropped; a second
+    large part is kept, so the checks reject it instead of a cut silently changing the shape."""
+    from scipy import ndimage
+    n, parts, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return m.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.flatnonzero(areas >= 0.05 * areas.max()) + 1
+    return ndimage.binary_fill_holes(np.isin(parts, keep))
+
+
+def _place(points, size, margin, rng):
+    """The 2x3 affine matrix that moves a shape (points N x 2, x y) to a random place inside the frame,
+    shrunk first if it does not fit between the margins."""
+    lo, hi = points.min(0), points.max(0)
+    room = size - 1 - 2 * margin
+    shrink = min(1.0, room / max(float((hi - lo).max()), 1e-6))
+    lo, hi = lo * shrink, hi * shrink
+    low, high = margin - lo, margin + room - hi
+    offset = rng.uniform(low, np.maximum(low, high))  # equal when the shape was shrunk to fit (but for rounding)
+    return np.array([[shrink, 0, offset[0]], [0, shrink, offset[1]]])
+
+
+def _elastic_candidate(source, size, margin, rng):
+    """A training mask under a smooth random displacement field, then rotated, scaled, stretched along
+    a random axis and placed inside the frame. The float mask is warped with linear interpolation and
+    thresholded at 1/2, so outlines stay smooth instead of taking nearest-neighbour stairs."""
+    m = source.astype(np.float32)
+    smooth = size * 0.1  # displacement correlated over ~10% of the side: the outline bends, never frays
+    field = [cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), smooth) for _ in range(2)]
+    strength = size * rng.uniform(0.01, 0.04)
+    dx, dy = (f * (strength / (f.std() + 1e-8)) for f in field)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    m = cv2.remap(m, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    ys, xs = np.nonzero(m > 0.5)
+    if not len(xs):
+        return m > 0.5
+    centre = np.array([xs.mean(), ys.mean()])
+    angle, axis = rng.uniform(0, 2 * np.pi, 2)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    along = np.array([np.cos(axis), np.sin(axis)])
+    stretch = np.eye(2) + (np.exp(rng.normal(0, 0.15)) - 1) * np.outer(along, along)
+    linear = np.exp(rng.normal(0, 0.12)) * rot @ stretch
+    points = (np.stack([xs, ys], 1) - centre) @ linear.T
+    place = _place(points, size, margin, rng)
+    # source pixel -> centred -> linear -> placed
+    matrix = np.hstack([place[:, :2] @ linear, (place[:, :2] @ (-linear @ centre) + place[:, 2])[:, None]])
+    warped = cv2.warpAffine(m, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    # a pixel-wide blur before the threshold: the warp roughens a staircase outline, real outlines are smooth
+    return cv2.GaussianBlur(warped, (0, 0), size / 128) > 0.5
+
+
+def _outline(mask):
+    """The outer contour of a mask's largest part, CONTOUR_POINTS points evenly spaced along it, as
+    complex numbers x + iy."""
+    contours = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0]
+    c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64)
+    closed = np.vstack([c, c[:1]])
+    t = np.concatenate([[0], np.cumsum(np.hypot(*np.diff(closed, axis=0).T))])
+    u = np.linspace(0, t[-1], CONTOUR_POINTS, endpoint=False)
+    return np.interp(u, t, closed[:, 0]) + 1j * np.interp(u, t, closed[:, 1])
+
+
+def _fourier_descriptor(mask):
+    """(shape vector, size) of a mask's outline: its Fourier coefficients of order -T..T divided by the
+    first (which removes size and rotation), with the starting point moved to the end of the outline's
+    best-fitting ellipse (which removes where the contour happened to start), so that the same shape
+    drawn anywhere gives the same vector."""
+    z = _outline(mask)
+    spectrum = np.fft.fft(z) / len(z)
+    if abs(spectrum[-1]) > abs(spectrum[1]):  # traced the other way round: reverse
+        z = z[::-1]
+        spectrum = np.fft.fft(z) / len(z)
+    k = np.fft.fftfreq(len(z), 1 / len(z))
+    shift = np.angle(spectrum[-1] / spectrum[1]) / 2
+    for s in (shift, shift + np.pi):  # the ellipse has two ends; take the one that makes harmonic 2 lean right
+        c = spectrum * np.exp(1j * k * s)
+        c = c / c[1]
+        if c[2].real >= 0:
+            break
+    orders = np.r_[-FOURIER_TERMS:0, 2:FOURIER_TERMS + 1]
+    coeffs = c[orders]
+    return np.concatenate([coeffs.real, coeffs.imag]), abs(spectrum[1])
+
+
+def _fourier_candidate(model, size, margin, rng):
+    """An outline drawn from a class's shape model (the mean shape vector plus a random combination of
+    the centred real ones: a Gaussian with their covariance, i.e. a PCA model with every component),
+    at the size of a random real lesion of the class, any rotation, anywhere inside the frame."""
+    mean, centred, sizes = model
+    vector = mean + centred.T @ rng.standard_normal(len(centred)) / math.sqrt(max(len(centred) - 1, 1))
+    half = len(vector) // 2
+    coeffs = np.zeros(CONTOUR_POINTS, complex)
+    orders = np.r_[-FOURIER_TERMS:0, 2:FOURIER_TERMS + 1]
+    coeffs[orders] = vector[:half] + 1j * vector[half:]
+    coeffs[1] = 1
+    scale = rng.choice(sizes) * np.exp(rng.normal(0, 0.1)) * np.exp(1j * rng.uniform(0, 2 * np.pi))
+    z = np.fft.ifft(coeffs * scale) * CONTOUR_POINTS
+    points = np.stack([z.real, z.imag], 1)
+    place = _place(points - points.mean(0), size, margin, rng)
+    placed = (points - points.mean(0)) @ place[:, :2].T + place[:, 2]
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(canvas, [np.round(placed * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return canvas > 0
+
+
+def mask_shape_stats(masks):
+    """{"area_fraction", "compactness", "eccentricity"}: one value per mask (uint8 N x 1 x S x S or
+    N x S x S). compactness is perimeter^2 / area (4 pi for a disc, more for a ragged outline);
+    eccentricity that of the ellipse with the mask's second moments (0 round, towards 1 elongated)."""
+    out = {"area_fraction": [], "compactness": [], "eccentricity": []}
+    for m in np.asarray(masks).reshape(len(masks), *np.asarray(masks).shape[-2:]):
+        m = (m > 0).astype(np.uint8)
+        area = float(m.sum())
+        contours = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0]
+        perimeter = sum(cv2.arcLength(c, True) for c in contours)
+        mo = cv2.moments(m, binaryImage=True)
+        if area == 0:
+            values = (0.0, math.nan, math.nan)
+        else:
+            a, b, c = mo["mu20"] / mo["m00"], mo["mu02"] / mo["m00"], mo["mu11"] / mo["m00"]
+            root = math.sqrt(((a - b) / 2) ** 2 + c * c)
+            major, minor = (a + b) / 2 + root, (a + b) / 2 - root
+            values = (area / m.size, perimeter ** 2 / area, math.sqrt(max(0.0, 1 - minor / major)) if major > 0 else 0.0)
+        for key, v in zip(out, values):
+            out[key].append(v)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def mask_shape_report(real, new):
+    """How close the shape statistics of new masks are to those of real ones: per statistic the
+    two-sample Kolmogorov-Smirnov distance (0 = same distribution, 1 = disjoint) and p-value, and
+    both medians."""
+    from scipy.stats import ks_2samp
+    a, b = mask_shape_stats(real), mask_shape_stats(new)
+    report = {}
+    for key in a:
+        x, y = a[key][np.isfinite(a[key])], b[key][np.isfinite(b[key])]
+        test = ks_2samp(x, y)
+        report[key] = {"ks": float(test.statistic), "p": float(test.pvalue),
+                       "real_median": float(np.median(x)), "new_median": float(np.median(y))}
+    return report
+
+
+def new_masks(masks_uint8, n, seed=0, labels=None, method="elastic", names=None):
+    """n lesion masks that are not in masks_uint8 (uint8 N x 1 x S x S): each one lesion, without holes,
+    clear of the frame by MASK_MARGIN and at least MIN_AREA of the image; a draw that fails is drawn
+    again. elastic: a training mask deformed (smooth random displacement, rotation, scale, stretch,
+    placement); fourier: an outline sampled from a shape model of the training outlines. labels (one
+    per mask, or None): each new mask takes the class of the training mask(s) it comes from, and the
+    classes keep their training shares. Masks that are empty or all lesion have no outline to deform;
+    they are left out with a warning naming them (names, one per mask). Returns (uint8 n x 1 x S x S,
+    labels of the new masks or None, report: the KS distances of mask_shape_report and the redraws)."""
+    if method not in MASK_METHODS:
+        raise UsageError(f"unknown mask method {method!r}; choose from {', '.join(MASK_METHODS)}")
+    masks = masks_uint8.numpy()[:, 0] > 0
+    size = masks.shape[-1]
+    names = list(names) if names is not None else [f"mask {i}" for i in range(len(masks))]
+    usable = []
+    for i, m in enumerate(masks):
+        if not m.any() or m.all():
+            print(f"warning: {names[i]}: {'empty' if not m.any() else 'all lesion'}; no outline to make new masks from, "
+                  "left out", file=sys.stderr)
+        else:
+            usable.append(i)
+    if not usable:
+        where = os.path.dirname(names[0]) or names[0] if names else "masks_uint8"
+        raise UsageError(f"{where}: no mask with a lesion outline to make new masks from (each is empty or all lesion)")
+    groups = {}
+    for i in usable:
+        groups.setdefault(labels[i] if labels is not None else None, []).append(i)
+    rng = np.random.default_rng(seed)
+    margin = max(1, round(MASK_MARGIN * size))
+    if method == "fourier":
+        shapes = {}
+        for key, members in groups.items():
+            vectors, sizes = zip(*(_fourier_descriptor(masks[i]) for i in members))
+            vectors = np.stack(vectors)
+            shapes[key] = (vectors.mean(0), vectors - vectors.mean(0), np.array(sizes))
+    # cycling through the shuffled training masks keeps every class's share and uses each mask about equally
+    order = np.array(usable)[rng.permutation(len(usable))]
+    picks = np.resize(order, n)
+    out, out_labels, redraws = np.zeros((n, 1, size, size), np.uint8), [], 0
+    for j, i in enumerate(picks):
+        key = labels[i] if labels is not None else None
+        for attempt in range(MASK_TRIES):
+            # a redraw deforms another mask of the class: one with two big parts would never pass
+            source = i if attempt == 0 else rng.choice(groups[key])
+            if method == "elastic":
+                candidate = _elastic_candidate(masks[source], size, margin, rng)
+            else:
+                candidate = _fourier_candidate(shapes[key], size, margin, rng)
+            candidate = _one_lesion(candidate)
+            if mask_problem(candidate, margin) is None and candidate.mean() >= MIN_AREA:
+                break
+            redraws += 1
+        else:
+            raise UsageError(f"{names[i]}: no acceptable new mask in {MASK_TRIES} draws from the masks of its class")
+        out[j, 0] = candidate * 255
+        out_labels.append(key)
+    new = torch.from_numpy(out)
+    report = {"method": method, "n": n, "seed": seed, "redraws": redraws, "n_source_masks": len(usable),
+              "shape_ks": mask_shape_report(masks[usable], out)}
+    return new, (out_labels if labels is not None else None), report
+
+
+def shape_ks_line(report):
+    """One printed line of a new_masks report."""
+    ks = report["shape_ks"]
+    return (f"{report['n']} new masks ({report['method']}) vs {report['n_source_masks']} real: KS distance "
+            + ", ".join(f"{k.replace('_', ' ')} {v['ks']:.3f}" for k, v in ks.items()) + f"; {report['redraws']} redrawn")

@@ -7,6 +7,13 @@ mean +- std over --seeds seeds:
         -> pixelgan_outputs/<TS>/downstream/{downstream.json, downstream.png}
     python downstream.py --data_dir data --synthetic_dir DIR       (generate.py --balance output)
         -> pixelgan_outputs/downstream_<time>/{downstream.json, downstream.png}
+
+--task segmentation: does a lesion segmenter (a small U-Net) get better with synthetic pairs? It trains
+on K real train pairs alone and with M = ratio x K synthetic pairs, new masks (generate.py --new_masks)
+against re-rendered train masks (generate.py --pairs), at equal steps, tested on the real --split:
+    python downstream.py --task segmentation --data_dir data --model_folder pixelgan_models/<TS>
+    python downstream.py --task segmentation --data_dir data --new_pairs DIR --rerender_pairs DIR
+        -> .../downstream_seg.json, downstream_seg.png
 """
 import argparse
 import csv
@@ -19,13 +26,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchmetrics.functional.classification import binary_auroc, multiclass_recall
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import models
-from dataset import (ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, atomic_path, check_device, check_memory,
-                     check_name, check_ranges, fmt, read_image, read_labels, run_cli, to_model_range, write_json)
+from dataset import (MASK_METHODS, ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, ascii_int, atomic_path,
+                     check_device, check_memory, check_name, check_ranges, fmt, new_masks, paired_augmentation, read_image,
+                     read_labels, run_cli, shape_ks_line, to_model_range, write_json)
 
 # synthetic_only is CAS (Ravuri & Vinyals 2019): trained on renders alone, tested on real images
 SETTINGS = ("real_only", "real_plus_synthetic", "real_plus_twin", "synthetic_only", "synthetic_then_real")
@@ -493,17 +502,362 @@ def evaluate_downstream(args):
     return result
 
 
+# ------------------------------------------------------------------------------------- segmentation study
+
+
+class UNet(nn.Module):
+    """The field's usual lesion segmenter (Ronneberger et al. 2015), small enough to train in a minute
+    on a CPU: `levels` stages of two 3x3 conv-BN-ReLU at widths width, 2 width, ...; max-pooling down,
+    bilinear upsampling and the skip concatenated on the way up; one logit per pixel."""
+
+    def __init__(self, width=16, levels=4):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+
+        widths = [width * 2 ** i for i in range(levels)]
+        self.down = nn.ModuleList(block(c_in, c_out) for c_in, c_out in zip([3] + widths, widths))
+        self.up = nn.ModuleList(block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(levels - 1)))
+        self.out = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1))
+        return self.out(x)
+
+
+class PairSet(torch.utils.data.Dataset):
+    """(image, mask) pairs flipped and rotated alike (dataset.paired_augmentation: no resampling)."""
+
+    def __init__(self, images_uint8, masks_uint8):
+        self.images, self.masks, self.transform = images_uint8, masks_uint8, paired_augmentation()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image, mask = self.transform(tv_tensors.Image(self.images[i]), tv_tensors.Mask(self.masks[i]))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def segmentation_loss(logits, target):
+    """BCE + soft Dice (per image, then averaged): BCE alone underweights a small lesion's pixels."""
+    p = logits.sigmoid()
+    inter = (p * target).sum((1, 2, 3))
+    dice = (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + (1 - dice).mean()
+
+
+def train_segmenter(images, masks, args, seed, steps, bar=None):
+    """A U-Net after exactly `steps` optimizer steps on (images, masks), drawn as train_classifier draws
+    its batches: every setting trains the same number of steps whatever its size."""
+    torch.manual_seed(seed)
+    device = torch.device(args.device)
+    model = UNet(args.seg_width).to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    batch = min(args.batch_size, len(images))
+    sampler = torch.utils.data.RandomSampler(range(len(images)), num_samples=steps * batch,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(PairSet(images, masks), batch_size=batch, sampler=sampler, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    dtype = models.autocast_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    total = torch.zeros((), device=device)
+    for x, m in loader:
+        x = to_model_range(x, device, torch.channels_last)
+        target = m.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        with models.autocast(device, dtype):
+            logits = model(x)
+        loss = segmentation_loss(logits.float(), target)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        total += loss.detach()
+        if bar is not None:
+            bar.update()
+    return model, float(total) / max(steps, 1)
+
+
+SEG_STEPS = 200  # the main table, 63 segmenters x 200 steps, in ~1 h if a bf16 step (16 x ~4 GFLOP) takes ~0.25 s on 2 cores
+JACCARD_THRESHOLD = 0.65  # ISIC 2017 task 1: an image segmented with Jaccard below this scores 0
+
+
+def segmentation_metrics(pred, target):
+    """Mean Dice, Jaccard and thresholded Jaccard (ISIC 2017: J < 0.65 counts 0) over images, from
+    boolean N x ... predictions and targets; an image with neither lesion predicted nor present is a
+    perfect 1."""
+    pred, target = pred.flatten(1), target.flatten(1)
+    inter = (pred & target).sum(1).double()
+    union = (pred | target).sum(1).double()
+    total = pred.sum(1).double() + target.sum(1).double()
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    thresholded = torch.where(jaccard >= JACCARD_THRESHOLD, jaccard, torch.zeros_like(jaccard))
+    return {"dice": float(dice.mean()), "jaccard": float(jaccard.mean()), "thresholded_jaccard": float(thresholded.mean())}
+
+
+@torch.inference_mode()
+def predict_masks(model, images, args):
+    model.eval()
+    device = torch.device(args.device)
+    dtype = models.autocast_dtype(device, args.amp)
+    out = []
+    for start in range(0, len(images), args.batch_size):
+        x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
+        with models.autocast(device, dtype):
+            out.append((model(x).float() > 0).cpu())
+    return torch.cat(out)
+
+
+SEG_METRICS = ("dice", "jaccard", "thresholded_jaccard")
+SOURCE_NAMES = {"real_only": "real only", "new": "+ new masks", "rerender": "+ re-rendered train masks"}
+SOURCE_COLORS = {"new": "#e88028", "rerender": "#426eb4"}
+
+
+def pair_split(folder, size, num_workers, what):
+    """(images, masks) uint8 of a folder in the data layout; refused in one line without its images."""
+    data = PairedDataset(folder, size, num_workers=num_workers)
+    if data.images is None:
+        raise UsageError(f"{folder}: {what} has masks but no images (expected {os.path.join(folder, 'originals')}/)")
+    return data.images, data.masks
+
+
+def resolve_k(text, n_train):
+    """The --k list as numbers ('all' = the whole train split), ascending, each once."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        k = n_train if part == "all" else ascii_int(part)
+        if k is None or k < 1:
+            raise UsageError(f"--k: {part!r} is not a positive whole number or 'all'")
+        if k > n_train:
+            raise UsageError(f"--k {k}: the train split has only {n_train} pairs")
+        values.append(k)
+    if not values:
+        raise UsageError("--k: empty list")
+    return sorted(set(values))
+
+
+def rendered_pools(generator, config, masks, labels, k, n, args):
+    """{"new": (images, masks), "rerender": (images, masks)}: n renders of new masks made from the K
+    real masks, and n renders of those K masks themselves (cycled, new generator noise each time), both
+    through the stochastic generator as generate.py --new_masks and --pairs make them; and the new
+    masks' shape report."""
+    made, made_labels, report = new_masks(masks, n, args.seed + k, labels, args.mask_method)
+    again = masks[torch.arange(n) % len(masks)]
+    again_labels = [labels[i] for i in (torch.arange(n) % len(masks)).tolist()] if labels else None
+    pools = {}
+    for name, m, lab in (("new", made, made_labels), ("rerender", again, again_labels)):
+        ids = torch.stack([models.class_index(config, c) for c in (lab or [None] * n)])
+        images = models.render(generator, config, m, ids, device=args.device, batch_size=args.batch_size, amp=args.amp,
+                               stochastic=True, seed=args.seed + k)
+        pools[name] = (resize_images(images, args.img_size), resize_masks(m, args.img_size))
+    return pools, report
+
+
+def resize_masks(masks_uint8, size):
+    if masks_uint8.shape[-1] == size:
+        return masks_uint8
+    return F.interpolate(masks_uint8, size=(size, size), mode="nearest")
+
+
+def evaluate_segmentation(args):
+    """The segmentation study: a U-Net trained on K real pairs alone and with M = ratio x K synthetic
+    pairs of each source, at equal steps, scored on the real --split; gains paired by seed."""
+    t0 = time.time()
+    train = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, num_workers=args.num_workers)
+    if train.images is None:
+        raise UsageError(f"{os.path.join(args.data_dir, 'train')}: has masks but no images (no originals/ folder)")
+    x_test, m_test = pair_split(os.path.join(args.data_dir, args.split), args.img_size, args.num_workers, "the test split")
+    ks = resolve_k(args.k, len(train))
+    ratios = args.ratios
+    # nested subsets (the first K of one shuffle), fixed across seeds: seeds vary initialisation and batches
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    folders = {name: pair_split(path, args.img_size, args.num_workers, f"--{name}_pairs")
+               for name, path in (("new", args.new_pairs), ("rerender", args.rerender_pairs)) if path}
+    model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
+    sources = list(folders) if folders else ["new", "rerender"]
+    if model_path:
+        generator, config, _ = models.load_generator(model_path)
+        labels = read_labels(args.data_dir)
+        gen_train = train if config["img_size"] == args.img_size else PairedDataset(
+            os.path.join(args.data_dir, "train"), config["img_size"], num_workers=args.num_workers)
+        source_text = {s: f"rendered by {model_path}" for s in sources}
+    else:
+        source_text = {s: f"directory {args.new_pairs if s == 'new' else args.rerender_pairs}" for s in sources}
+    seeds = [args.seed + i for i in range(args.seeds)]
+    per_k = 1 + len(sources) * len(ratios)
+    n_runs = len(ks) * len(seeds) * per_k
+    print(f"{n_runs} segmenters ({len(ks)} K x {per_k} training sets x {len(seeds)} seeds) of {args.steps} steps of "
+          f"{args.batch_size} at {args.img_size}x{args.img_size}; the first one measures the time per step")
+    runs, mask_stats = {}, {}
+    bar = tqdm(total=n_runs * args.steps, desc="segmenters", unit="step", disable=None, smoothing=0.05)
+    training_started, done = time.time(), 0
+    for k in ks:
+        subset = order[:k]
+        x_real, m_real = train.images[subset], train.masks[subset]
+        n_max = max(ratios) * k
+        if model_path:
+            names = [gen_train.names[i] for i in subset.tolist()]
+            pools, mask_stats[str(k)] = rendered_pools(generator, config, gen_train.masks[subset],
+                                                       [labels.get(n) for n in names] if labels else None, k, n_max, args)
+            print(f"K={k}: {shape_ks_line(mask_stats[str(k)])}")
+        for seed in seeds:
+            for source in ["real_only"] + sources:
+                for ratio in ([0] if source == "real_only" else ratios):
+                    if source == "real_only":
+                        x, m = x_real, m_real
+                    else:
+                        if model_path:
+                            x_syn, m_syn = (v[:ratio * k] for v in pools[source])
+                        else:  # a folder is a pool: each seed draws its own M pairs from it
+                            pool_x, pool_m = folders[source]
+                            pick = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed + k))[:ratio * k]
+                            if len(pick) < ratio * k and seed == seeds[0]:
+                                print(f"warning: {ratio * k} {source} pairs wanted, {len(pool_x)} in {source_text[source]}; using all")
+                            x_syn, m_syn = pool_x[pick], pool_m[pick]
+                        x, m = torch.cat([x_real, x_syn]), torch.cat([m_real, m_syn])
+                    started = time.time()
+                    model, loss = train_segmenter(x, m, args, seed, args.steps, bar)
+                    trained = time.time()
+                    scores = segmentation_metrics(predict_masks(model, x_test, args), m_test > 127)
+                    key = (k, source, ratio)
+                    entry = runs.setdefault(key, {"n_real": len(x_real), "n_synthetic": len(x) - len(x_real), "runs": []})
+                    entry["runs"].append(scores)
+                    done += args.steps
+                    left = (n_runs * args.steps - done) / done * (time.time() - training_started)
+                    if done == args.steps:
+                        per_step, testing = (trained - started) / args.steps, time.time() - trained
+                        tqdm.write(f"{per_step:.2f} s per step and {testing:.0f} s to test: about "
+                                   f"{n_runs * (args.steps * per_step + testing) / 60:.0f} min for the {n_runs} segmenters")
+                    tqdm.write(f"K={k} seed {seed} {SOURCE_NAMES[source]}{f' x{ratio}' if ratio else ''}: Dice "
+                               f"{fmt(scores['dice'])}  Jaccard {fmt(scores['jaccard'])}  thresholded "
+                               f"{fmt(scores['thresholded_jaccard'])}  train loss {loss:.3f}  ({time.time() - started:.0f} s; "
+                               f"about {left / 60:.0f} min left)")
+    bar.close()
+    results = []
+    for (k, source, ratio), entry in runs.items():
+        base = runs[(k, "real_only", 0)]["runs"]
+        row = {"k": k, "source": source, "ratio": ratio, "n_real": entry["n_real"], "n_synthetic": entry["n_synthetic"]}
+        row.update({metric: mean_std([r[metric] for r in entry["runs"]]) for metric in SEG_METRICS})
+        row["gain"] = None if source == "real_only" else {
+            metric: mean_std([a[metric] - b[metric] for a, b in zip(entry["runs"], base)]) for metric in SEG_METRICS}
+        results.append(row)
+    result = {
+        "task": "segmentation", "data_dir": args.data_dir, "test_split": args.split, "img_size": args.img_size,
+        "segmenter": f"U-Net, widths {args.seg_width}-{8 * args.seg_width}, {models.count_params(UNet(args.seg_width)):,} parameters",
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": seeds, "k": ks, "ratios": ratios,
+        "n_train": len(train), "n_test": len(x_test), "sources": source_text,
+        "mask_method": args.mask_method if model_path else None, "mask_stats": mask_stats,
+        "results": results, "targets": segmentation_targets(results, ks, sources),
+    }
+    result["seconds"] = round(time.time() - t0, 1)
+    out_dir = args.output_dir or default_output_dir(model_path)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(result, os.path.join(out_dir, "downstream_seg.json"))
+    write_segmentation_chart(result, os.path.join(out_dir, "downstream_seg.png"))
+    print_segmentation_table(result)
+    print(f"\nwrote {os.path.join(out_dir, 'downstream_seg.json')} and downstream_seg.png ({result['seconds']} s)")
+    return result
+
+
+def segmentation_targets(results, ks, sources):
+    """The issue's targets, read off the results: at the smallest K the best new-mask setting gains
+    >= 3 Dice points; at the largest K that setting loses no more than 0.5; and at the smallest K new
+    masks beat re-rendered ones at that setting's ratio."""
+    rows = {(r["k"], r["source"], r["ratio"]): r for r in results}
+    lead = "new" if "new" in sources else sources[0]
+    at_small = [r for r in results if r["k"] == ks[0] and r["source"] == lead]
+    if not at_small:
+        return {}
+    best = max(at_small, key=lambda r: r["gain"]["dice"]["mean"])
+    large = rows.get((ks[-1], lead, best["ratio"]))
+    targets = {"setting": f"{lead} x{best['ratio']}",
+               "small_k": {"k": ks[0], "dice_gain": best["gain"]["dice"], "met": best["gain"]["dice"]["mean"] >= 0.03},
+               "large_k": {"k": ks[-1], "dice_gain": large["gain"]["dice"], "met": large["gain"]["dice"]["mean"] >= -0.005}}
+    other = rows.get((ks[0], "rerender", best["ratio"]))
+    if lead == "new" and other is not None:
+        diff = best["dice"]["mean"] - other["dice"]["mean"]
+        targets["new_vs_rerender"] = {"k": ks[0], "ratio": best["ratio"], "dice_difference": diff, "met": diff > 0}
+    return targets
+
+
+def print_segmentation_table(result):
+    print(f"\nSegmentation: {result['segmenter']} from scratch at {result['img_size']}x{result['img_size']}, "
+          f"{result['steps']} steps of {result['batch_size']} per training set, seeds {result['seeds']}; tested on "
+          f"{result['n_test']} real {result['test_split']} pairs. Mean +- standard error over seeds; gains paired by seed, in points")
+
+    def cell(ms, scale=1, spec=".3f"):
+        return fmt(ms["mean"] * scale, spec) + (" +- " + fmt(ms["sem"] * scale, spec.lstrip("+")) if ms.get("sem") is not None else "")
+
+    print("  " + f"{'K':>6}  {'training set':<34}{'Dice':>16}{'Jaccard':>16}{'thr. Jaccard':>16}{'Dice gain':>16}{'thr. J gain':>16}")
+    for r in result["results"]:
+        what = f"{SOURCE_NAMES[r['source']]}" + (f" x{r['ratio']} ({r['n_synthetic']})" if r["ratio"] else "")
+        gains = [cell(r["gain"][m], 100, "+.1f") for m in ("dice", "thresholded_jaccard")] if r["gain"] else ["", ""]
+        print("  " + f"{r['k']:>6}  {what:<34}" + "".join(f"{cell(r[m]):>16}" for m in SEG_METRICS) + "".join(f"{g:>16}" for g in gains))
+    t = result["targets"]
+    if t:
+        line = (f"  targets ({t['setting']}): K={t['small_k']['k']} Dice gain {cell(t['small_k']['dice_gain'], 100, '+.1f')} "
+                f"(>= +3: {'met' if t['small_k']['met'] else 'not met'}); K={t['large_k']['k']} "
+                f"{cell(t['large_k']['dice_gain'], 100, '+.1f')} (>= -0.5: {'met' if t['large_k']['met'] else 'not met'})")
+        if "new_vs_rerender" in t:
+            v = t["new_vs_rerender"]
+            line += f"; new - re-rendered at K={v['k']}: {v['dice_difference'] * 100:+.1f} ({'met' if v['met'] else 'not met'})"
+        print(line)
+
+
+def write_segmentation_chart(result, path):
+    """downstream_seg.png: Dice gain over real only (points) against M/K, one panel per K, one line per
+    source, whiskers of +- standard error (none for a single seed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ks = result["k"]
+    fig = Figure(figsize=(1.5 + 3.6 * len(ks), 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(ks), sharey=True, squeeze=False)[0]
+    for ax, k in zip(axes, ks):
+        base = next(r for r in result["results"] if r["k"] == k and r["source"] == "real_only")
+        for source in result["sources"]:
+            rows = [r for r in result["results"] if r["k"] == k and r["source"] == source]
+            gains = [r["gain"]["dice"] for r in rows]
+            # from (0, 0): real only, the baseline every gain is paired with
+            ax.errorbar([0] + [r["ratio"] for r in rows], [0] + [100 * g["mean"] for g in gains],
+                        yerr=[0] + [100 * g["sem"] if g["sem"] is not None else 0 for g in gains], marker="o", capsize=4,
+                        color=SOURCE_COLORS[source], label=SOURCE_NAMES[source].lstrip("+ "))
+        ax.axhline(0, color="0.4", lw=1, ls="--")
+        ax.set_xticks([0] + result["ratios"])
+        ax.set_xlabel("synthetic pairs per real pair (M/K)")
+        ax.set_title(f"K = {k} real pairs (real only: Dice {base['dice']['mean']:.3f})", fontsize=10)
+        ax.grid(color="0.9")
+    axes[0].set_ylabel("Dice gain over real only (points)")
+    axes[-1].legend(frameon=False, fontsize=9)
+    shown = f"mean of {len(result['seeds'])} seeds ± standard error" if len(result["seeds"]) > 1 else f"seed {result['seeds'][0]} alone"
+    fig.suptitle(f"U-Net on real {result['test_split']} pairs ({shown})", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
 LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
           "num_workers": Range(0, 256), "seeds": Range(1, 100), "epochs": Range(1, 10_000),
           "minority_to": Range(0, 1_000_000), "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1),
-          "reject": Range(0, 1, hi_open=True)}
+          "reject": Range(0, 1, hi_open=True), "steps": Range(1, 1_000_000), "seg_width": Range(1, 256)}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification: the --settings study of a lesion classifier; segmentation: the K x ratio study of a U-Net")
     p.add_argument("--data_dir", default="data", help="preprocess.py output: {train,test}/{originals,masks}, labels.csv")
     p.add_argument("--split", default="test", help="real split every classifier is tested on (it trains on train)")
     p.add_argument("--model_folder", help="run folder of generator_epoch_<N>.pth files (the highest epoch renders)")
@@ -535,8 +889,26 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--output_dir", default=None,
                    help="default: pixelgan_outputs/<TS>/downstream (a generator), pixelgan_outputs/downstream_<time> (--synthetic_dir)")
+    seg = p.add_argument_group("--task segmentation")
+    seg.add_argument("--k", default="100,300,all", help="real train pairs per segmenter, a comma list ('all': the whole split)")
+    seg.add_argument("--ratios", default="1,2,4", help="synthetic pairs per real pair (M/K), a comma list of whole numbers")
+    seg.add_argument("--new_pairs", default=None, help="generate.py --new_masks output (instead of rendering with a generator)")
+    seg.add_argument("--rerender_pairs", default=None, help="generate.py --pairs output of the train masks (the control)")
+    seg.add_argument("--steps", type=int, default=SEG_STEPS, help="optimizer steps of every segmenter (equal compute)")
+    seg.add_argument("--seg_width", type=int, default=16, help="U-Net width of the first level (x2 per level, 4 levels)")
+    seg.add_argument("--mask_method", choices=MASK_METHODS, default="elastic",
+                     help="how new masks are made when a generator renders them (as generate.py --mask_method)")
     args = p.parse_args(argv)
-    if not (args.model_folder or args.model_path or args.synthetic_dir):
+    if args.task == "segmentation":
+        if not (args.model_folder or args.model_path or args.new_pairs or args.rerender_pairs):
+            p.error("--task segmentation needs --model_folder or --model_path (or --new_pairs / --rerender_pairs)")
+        if (args.new_pairs or args.rerender_pairs) and (args.model_folder or args.model_path):
+            p.error("give the pairs folders or a generator to render them, not both")
+        ratios = [ascii_int(r.strip()) for r in args.ratios.split(",") if r.strip()]
+        if not ratios or any(r is None or not 1 <= r <= 100 for r in ratios):
+            p.error(f"--ratios {args.ratios!r}: a comma list of whole numbers from 1 to 100")
+        args.ratios = sorted(set(ratios))
+    elif not (args.model_folder or args.model_path or args.synthetic_dir):
         p.error("give --model_folder or --model_path (or --synthetic_dir)")
     if args.model_folder and args.model_path:
         p.error("give --model_folder or --model_path, not both")
@@ -554,7 +926,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return evaluate_downstream(parse_args(argv))
+    args = parse_args(argv)
+    return evaluate_segmentation(args) if args.task == "segmentation" else evaluate_downstream(args)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@
     python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --class melanoma --num_images 500
     python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --balance
     python generate.py --model_folder pretrained/isic2017_128 --input_dir <masks> --style_image <lesion photo or folder>
+    python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --new_masks 1200 --output_dir new_pairs
+    python generate.py --model_folder pixelgan_models/<TIMESTAMP> --input_dir data/train --pairs --num_images 1200 --output_dir rerendered
 
 Plain mode writes gen_only_<name>.png and generated_<name>.png (mask / generated / real) per mask;
 past the number of masks it renders new variations. --class and --balance write
 <output_dir>/<class>/gen_<n>.png and <output_dir>/labels.csv for classifier pipelines.
 A model with a style code (train.py --style_dim 8) gives each image the look of a
 training image of the same class, or with --style_image the look of the given photograph(s).
+--new_masks and --pairs write (mask, image) pairs in the data layout, <output_dir>/masks/<name>.png,
+<output_dir>/originals/<name>.png and <output_dir>/labels.csv, which a segmenter (downstream.py
+--task segmentation) or train.py reads as a split: masks nobody drew, or the masks of --input_dir.
 """
 import argparse
 import csv
@@ -21,12 +26,12 @@ import numpy as np
 import torch
 
 import models
-from dataset import (LABELS_FILE, ArgumentParser, PairedDataset, Range, UsageError, ascii_int, check_device, check_name,
-                     check_ranges, jitter_masks, list_images, read_image, read_labels, run_cli, save_image_grid, save_png,
-                     to_model_range, write_csv)
+from dataset import (LABELS_FILE, MASK_METHODS, ArgumentParser, PairedDataset, Range, UsageError, ascii_int, check_device,
+                     check_name, check_ranges, find_pairs, jitter_masks, list_images, new_masks, read_image, read_labels,
+                     run_cli, save_image_grid, save_png, shape_ks_line, to_model_range, write_csv, write_json)
 
 LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
-          "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1)}
+          "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1), "new_masks": Range(1, 1_000_000)}
 CLASS_CHUNK = 512  # class images rendered (and held in memory) at a time
 NAME_MAX = 255  # bytes in one file name on common file systems
 
@@ -54,8 +59,23 @@ def parse_args(argv=None):
     p.add_argument("--style_image", default=None,
                    help="a lesion photograph, or a folder of them taken in turn: render with its look (skin tone, "
                         "illumination, pigment); needs a model with a style code")
+    p.add_argument("--new_masks", type=int, default=None, metavar="N",
+                   help="render N new lesion masks, made from the masks of --input_dir (see --mask_method; classes "
+                        "kept), as pairs in the data layout: <output_dir>/{masks,originals}/new_<n>.png + labels.csv")
+    p.add_argument("--mask_method", choices=MASK_METHODS, default="elastic",
+                   help="how --new_masks makes a mask: elastic (a training mask under a smooth random warp, rotation, "
+                        "scale, stretch and placement) or fourier (an outline from a Fourier shape model of the masks)")
+    p.add_argument("--pairs", action="store_true",
+                   help="render the masks of --input_dir as pairs in the data layout (--num_images past their number "
+                        "renders them again with new generator noise, <name>_r<k>)")
     args = p.parse_args(argv)
     check_ranges(args, LIMITS)
+    if args.new_masks and args.pairs:
+        p.error("--new_masks and --pairs are two sources of pair masks; give one")
+    if (args.new_masks or args.pairs) and (args.class_name or args.balance):
+        p.error("--new_masks and --pairs take each mask's class from labels.csv; they do not combine with --class or --balance")
+    if args.new_masks and args.num_images:
+        p.error("--new_masks N is the number of pairs; leave out --num_images")
     if args.class_name is not None:
         args.class_name = check_name(args.class_name, "--class")
     args.device = check_device(args.device)
@@ -152,6 +172,77 @@ def output_names(dataset, total):
     return names
 
 
+PAIR_LABELS_HEADER = ["image_id", "label"]  # what preprocess.py writes and dataset.read_labels reads
+
+
+def check_name_lengths(names, input_dir):
+    too_long = next((n for n in names if len(n.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if too_long:
+        raise UsageError(f"{input_dir}: a mask name makes the output file name {too_long[:40]}... longer than "
+                         f"{NAME_MAX} bytes; rename that mask")
+
+
+def check_pair_folder(output_dir, stems, overwrite):
+    """Refuse to mix this run's pairs with others: a segmenter reads every mask in masks/, and
+    labels.csv lists this run's alone."""
+    labels_path = os.path.join(output_dir, LABELS_FILE)
+    if os.path.lexists(labels_path):
+        with open(labels_path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+        if header != PAIR_LABELS_HEADER:
+            raise UsageError(f"{labels_path} exists and is not one generate.py wrote (image_id,label); choose another --output_dir")
+    for sub in ("masks", "originals"):
+        folder = os.path.join(output_dir, sub)
+        if not os.path.isdir(folder):
+            continue
+        present = set(list_images(folder))
+        if present - set(stems):
+            raise UsageError(f"{folder} holds {len(present - set(stems))} images this run does not write; they would be "
+                             "read as its pairs; choose another --output_dir")
+        if present and not overwrite:
+            raise UsageError(f"{folder} already holds {len(present)} of these pairs; choose another --output_dir, or pass --overwrite")
+
+
+def write_pairs(args, generator, config, styles, dataset, labels, input_dir):
+    """New masks (--new_masks) or the masks of --input_dir (--pairs), rendered and written in the data layout."""
+    mask_paths = {stem: path for stem, path, _ in find_pairs(input_dir)}
+    mask_classes = [labels.get(n) for n in dataset.names] if labels else None
+    report = None
+    if args.new_masks:
+        masks, classes, report = new_masks(dataset.masks, args.new_masks, args.seed, mask_classes, args.mask_method,
+                                           [mask_paths[n] for n in dataset.names])
+        stems = [f"new_{k}" for k in range(args.new_masks)]
+    else:
+        picks = torch.arange(args.num_images or len(dataset)) % len(dataset)
+        masks = dataset.masks[picks]
+        classes = [mask_classes[i] for i in picks] if mask_classes else None
+        stems = [dataset.names[i] if k < len(dataset) else f"{dataset.names[i]}_r{k // len(dataset)}"
+                 for k, i in enumerate(picks.tolist())]
+    check_name_lengths([s + ".png" for s in stems], input_dir)
+    check_pair_folder(args.output_dir, stems, args.overwrite)
+    if config["n_classes"] and (classes is None or None in classes):
+        print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]} "
+              "(--labels FILE gives each mask its class)", file=sys.stderr)
+    class_ids = torch.stack([models.class_index(config, c) for c in (classes or [None] * len(masks))])
+    for sub in ("masks", "originals"):
+        os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
+    for start in range(0, len(masks), CLASS_CHUNK):
+        chunk = slice(start, start + CLASS_CHUNK)
+        # stochastic for both sources, so that new and re-rendered masks differ in their masks alone
+        images = models.render(generator, config, masks[chunk], class_ids[chunk], args.device, args.batch_size, args.amp,
+                               stochastic=True, seed=args.seed + start, styles=cycled(styles, start, len(masks[chunk])))
+        for stem, mask, image in zip(stems[chunk], masks[chunk], images):
+            save_png(mask, os.path.join(args.output_dir, "masks", stem + ".png"))
+            save_png(image, os.path.join(args.output_dir, "originals", stem + ".png"))
+    if classes:
+        write_csv(os.path.join(args.output_dir, LABELS_FILE), PAIR_LABELS_HEADER,
+                  [(stem, c) for stem, c in zip(stems, classes) if c is not None])
+    if report is not None:
+        write_json(report, os.path.join(args.output_dir, "mask_stats.json"))
+        print(shape_ks_line(report))
+    print(f"{len(masks)} pairs ({'new masks' if args.new_masks else 'masks of ' + input_dir}) -> {args.output_dir}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     input_dir = args.input_dir or os.path.join("data", "train" if args.balance else "test")
@@ -166,6 +257,10 @@ def main(argv=None):
     labels = read_labels(labels_path)
     generator, config, styles = load_model(args)
     dataset = PairedDataset(input_dir, config["img_size"], labels=labels, classes=config["classes"], num_workers=args.num_workers)
+
+    if args.new_masks or args.pairs:
+        write_pairs(args, generator, config, styles, dataset, labels, input_dir)
+        return
 
     if args.class_name or args.balance:
         if not labels:
@@ -198,10 +293,7 @@ def main(argv=None):
     n_masks = len(dataset)
     total = args.num_images or n_masks
     names = output_names(dataset, total)
-    too_long = next((n for n in names if len(n.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
-    if too_long:
-        raise UsageError(f"{input_dir}: a mask name makes the output file name {too_long[:40]}... longer than "
-                         f"{NAME_MAX} bytes; rename that mask")
+    check_name_lengths(names, input_dir)
     existing = [n for n in names if os.path.lexists(os.path.join(args.output_dir, n))] if os.path.isdir(args.output_dir) else []
     if existing and not args.overwrite:
         raise UsageError(f"{os.path.join(args.output_dir, existing[0])} already exists ({len(existing)} files would be "

@@ -256,3 +256,102 @@ def test_bar_figure_bars_and_whiskers_follow_the_values(tmp_path):
         first_bar = cols[cols < cols.min() + 30]  # bars of metric m1 come first
         heights.append(mask[:, first_bar[len(first_bar) // 2]].sum())
     assert heights[0] / heights[1] == pytest.approx(0.5, abs=0.03)
+
+
+# ------------------------------------------------------------------------------------ segmentation study
+
+
+def segmentation_args(data, out, *extra):
+    return ["--task", "segmentation", "--data_dir", str(data), "--output_dir", str(out), "--img_size", str(SIZE),
+            "--seg_width", "4", "--steps", "3", "--batch_size", "4", "--num_workers", "1", "--device", "cpu", *extra]
+
+
+def write_pairs(folder, n, seed, with_images=True):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        mask[8:24, 8 + i % 8:20 + i % 8] = 255
+        write_png(folder / "masks" / f"p{i}.png", mask)
+        if with_images:
+            write_png(folder / "originals" / f"p{i}.png", rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    return folder
+
+
+def test_segmentation_study_renders_both_sources_and_pairs_the_gains(tmp_path, calls):
+    data = make_data(tmp_path / "data")
+    model = make_checkpoint(tmp_path / "models" / "RUN", n_classes=3, classes=sorted(TRAIN))
+    out = tmp_path / "out"
+    result = downstream.main(segmentation_args(data, out, "--model_folder", str(model.parent), "--k", "4,all",
+                                               "--ratios", "2,1", "--seeds", "2"))
+    j = json.loads((out / "downstream_seg.json").read_text())
+    assert j["k"] == [4, 11] and j["ratios"] == [1, 2] and j["seeds"] == [0, 1] and j["n_test"] == sum(TEST.values())
+    settings = [(r["k"], r["source"], r["ratio"]) for r in j["results"]]
+    assert settings == [(k, s, r) for k in (4, 11) for s, r in [("real_only", 0), ("new", 1), ("new", 2),
+                                                                  ("rerender", 1), ("rerender", 2)]]
+    for r in j["results"]:
+        assert r["n_real"] == r["k"] and r["n_synthetic"] == r["ratio"] * r["k"]
+        assert set(r) >= {"dice", "jaccard", "thresholded_jaccard", "gain"}
+        assert all(0 <= v <= 1 for m in downstream.SEG_METRICS for v in r[m]["values"]) and len(r["dice"]["values"]) == 2
+        base = next(b for b in j["results"] if b["k"] == r["k"] and b["source"] == "real_only")
+        if r["source"] == "real_only":
+            assert r["gain"] is None
+        else:  # paired by seed
+            assert r["gain"]["dice"]["values"] == pytest.approx([a - b for a, b in zip(r["dice"]["values"], base["dice"]["values"])])
+            assert r["gain"]["dice"]["sem"] is not None
+    # per K: 4 x the largest ratio of new masks and as many re-renders of the K train masks, stochastic
+    assert sorted(len(c["masks"]) for c in calls) == [8, 8, 22, 22] and all(c["stochastic"] for c in calls)
+    assert set(j["mask_stats"]) == {"4", "11"} and "compactness" in j["mask_stats"]["4"]["shape_ks"]
+    assert set(j["targets"]) == {"setting", "small_k", "large_k", "new_vs_rerender"}
+    assert result["results"] == j["results"]
+    assert_nonblank_png(out / "downstream_seg.png")
+
+
+def test_segmentation_study_reads_pair_folders_and_refuses_one_without_images(tmp_path):
+    data = make_data(tmp_path / "data")
+    new = write_pairs(tmp_path / "new", 30, 1)
+    out = tmp_path / "out"
+    j = downstream.main(segmentation_args(data, out, "--new_pairs", str(new), "--k", "5", "--ratios", "1,4", "--seeds", "1"))
+    assert [(r["source"], r["n_synthetic"]) for r in j["results"]] == [("real_only", 0), ("new", 5), ("new", 20)]
+    assert j["sources"] == {"new": f"directory {new}"} and j["results"][1]["gain"]["dice"]["sem"] is None  # one seed
+    masks_only = write_pairs(tmp_path / "masks_only", 4, 2, with_images=False)
+    with pytest.raises(ValueError, match=r"masks_only: --rerender_pairs has masks but no images"):
+        downstream.main(segmentation_args(data, out, "--rerender_pairs", str(masks_only), "--k", "5"))
+    with pytest.raises(ValueError, match="--k 50: the train split has only 11 pairs"):
+        downstream.main(segmentation_args(data, out, "--new_pairs", str(new), "--k", "50"))
+    with pytest.raises(SystemExit):
+        downstream.main(segmentation_args(data, out, "--new_pairs", str(new), "--ratios", "0.5"))
+
+
+def test_segmentation_metrics_known_answers():
+    target = torch.zeros(4, 1, 10, 10, dtype=torch.bool)
+    target[:, :, :5, :] = True  # 50 pixels of lesion in each image
+    pred = target.clone()  # image 0: perfect
+    pred[1, :, :, :] = False
+    pred[1, :, :5, :7] = True  # image 1: 35 of 50 -> J 0.70, Dice 70/85
+    pred[2, :, :, :] = False
+    pred[2, :, :5, :6] = True  # image 2: 30 of 50 -> J 0.60, counts 0 when thresholded
+    pred[3] = False
+    target[3] = False  # image 3: nothing to find, nothing found -> 1
+    m = downstream.segmentation_metrics(pred, target)
+    assert m["jaccard"] == pytest.approx((1 + 0.7 + 0.6 + 1) / 4)
+    assert m["thresholded_jaccard"] == pytest.approx((1 + 0.7 + 0 + 1) / 4)
+    assert m["dice"] == pytest.approx((1 + 70 / 85 + 60 / 80 + 1) / 4)
+
+
+def test_segmenter_learns_lesions_in_its_steps():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    images, masks = [], []
+    for _ in range(24):
+        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(4, 9)
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        image = np.where(inside[..., None], (60, 40, 30), (220, 180, 160)) + rng.integers(-20, 20, (SIZE, SIZE, 3))
+        images.append(np.clip(image, 0, 255).astype(np.uint8).transpose(2, 0, 1))
+        masks.append((inside * 255).astype(np.uint8)[None])
+    images, masks = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks))
+    args = argparse.Namespace(device="cpu", seg_width=4, lr=1e-2, weight_decay=0.0, batch_size=8, amp=False)
+    counter = StepCounter()
+    model, loss = downstream.train_segmenter(images[:16], masks[:16], args, seed=0, steps=60, bar=counter)
+    assert counter.n == 60 and math.isfinite(loss)
+    scores = downstream.segmentation_metrics(downstream.predict_masks(model, images[16:], args), masks[16:] > 127)
+    assert scores["dice"] > 0.8

@@ -1,5 +1,6 @@
 """generate.py: checkpoint choice, batched rendering, variations, class-aware output, clear errors."""
 import csv
+import json
 import os
 
 import cv2
@@ -11,7 +12,7 @@ import generate
 import models
 import train
 from conftest import TINY_MODEL
-from dataset import PairedDataset, read_labels
+from dataset import PairedDataset, mask_problem, read_labels
 
 
 @pytest.fixture
@@ -198,3 +199,72 @@ def test_crafted_style_entries_are_refused_with_the_file_named(style_model, tmp_
     _, config, loaded = models.load_generator(str(bad_encoder))
     with pytest.raises(models.CheckpointError, match="style encoder weights do not match"):
         models.load_style_encoder(loaded, config, str(bad_encoder))
+
+
+def test_new_masks_write_pairs_that_paired_dataset_reads_back_with_labels(trained, tiny_data, tmp_path, capsys):
+    out = tmp_path / "new"
+    generate.main(["--model_folder", trained, "--input_dir", os.path.join(tiny_data, "train"), "--new_masks", "6",
+                   "--output_dir", str(out), "--seed", "2"])
+    printed = capsys.readouterr().out
+    assert "6 new masks (elastic) vs 8 real: KS distance area fraction" in printed
+    stems = [f"new_{k}" for k in range(6)]
+    assert sorted(os.listdir(out / "masks")) == sorted(os.listdir(out / "originals")) == sorted(s + ".png" for s in stems)
+    labels = read_labels(str(out))
+    assert sorted(labels) == sorted(stems) and set(labels.values()) == {"melanoma", "nevus"}  # the train split's two, 1 : 1
+    pairs = PairedDataset(str(out), 32, labels=labels, classes=["melanoma", "nevus"])
+    assert pairs.has_images and len(pairs) == 6 and bool((pairs.labels >= 0).all())
+    train_masks = PairedDataset(os.path.join(tiny_data, "train"), 32).masks
+    for m in pairs.masks:
+        assert set(m.unique().tolist()) == {0, 255} and mask_problem(m[0].numpy()) is None  # one lesion, inside
+        assert not any(torch.equal(m, t) for t in train_masks)  # new shapes, not the training masks
+    with open(out / "mask_stats.json") as f:
+        stats = json.load(f)
+    assert stats["method"] == "elastic" and set(stats["shape_ks"]) == {"area_fraction", "compactness", "eccentricity"}
+
+
+def test_pairs_rerender_the_input_masks_in_the_data_layout(trained, tiny_data, tmp_path):
+    out = tmp_path / "again"
+    train_dir = os.path.join(tiny_data, "train")
+    generate.main(["--model_folder", trained, "--input_dir", train_dir, "--pairs", "--num_images", "10",
+                   "--output_dir", str(out)])
+    source = PairedDataset(train_dir, 32, labels=read_labels(tiny_data))
+    pairs = PairedDataset(str(out), 32, labels=read_labels(str(out)))
+    expected = source.names + [f"{n}_r1" for n in source.names[:2]]
+    assert sorted(pairs.names) == sorted(expected) and pairs.has_images
+    for name, mask in zip(pairs.names, pairs.masks):
+        assert torch.equal(mask, source.masks[source.names.index(name.removesuffix("_r1"))])
+    again = dict(zip(pairs.names, pairs.images))
+    assert not torch.equal(again[source.names[0]], again[source.names[0] + "_r1"])  # new noise for the repeat
+    assert read_labels(str(out))[source.names[0] + "_r1"] == read_labels(tiny_data)[source.names[0]]
+    with pytest.raises(ValueError, match="already holds 10 of these pairs"):  # no silent replacement
+        generate.main(["--model_folder", trained, "--input_dir", train_dir, "--pairs", "--num_images", "10",
+                       "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="images this run does not write"):  # nor mixing with other pairs
+        generate.main(["--model_folder", trained, "--input_dir", train_dir, "--new_masks", "3", "--output_dir", str(out)])
+
+
+def test_pair_modes_refuse_bad_input_in_one_line(trained, tmp_path, capsys):
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no masks here")
+    with pytest.raises(ValueError, match="no_images: no mask images found"):
+        generate.main(["--model_folder", trained, "--input_dir", str(empty), "--new_masks", "3", "--output_dir",
+                       str(tmp_path / "o1")])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    cv2.imwrite(str(masks / "blank.png"), np.zeros((32, 32), np.uint8))
+    cv2.imwrite(str(masks / "full.png"), np.full((32, 32), 255, np.uint8))
+    with pytest.raises(ValueError, match="no mask with a lesion outline to make new masks from"):
+        generate.main(["--model_folder", trained, "--input_dir", str(masks), "--new_masks", "3", "--output_dir",
+                       str(tmp_path / "o2")])
+    capsys.readouterr()
+    m = np.zeros((32, 32), np.uint8)
+    cv2.circle(m, (16, 16), 7, 255, -1)
+    cv2.imwrite(str(masks / "good.png"), m)
+    generate.main(["--model_folder", trained, "--input_dir", str(masks), "--new_masks", "3", "--output_dir",
+                   str(tmp_path / "o3")])
+    err = capsys.readouterr().err
+    assert f"warning: {masks / 'blank.png'}: empty; no outline" in err and f"warning: {masks / 'full.png'}: all lesion;" in err
+    assert len(os.listdir(tmp_path / "o3" / "masks")) == 3
+    with pytest.raises(SystemExit):
+        generate.main(["--model_folder", trained, "--input_dir", str(masks), "--new_masks", "3", "--pairs"])

@@ -308,6 +308,7 @@ RANGES = [
     (train, "--save_freq", -1), (train, "--lr", "nan"), (train, "--img_size", 65536), (train, "--num_workers", -1),
     (train, "--ema", 1.5), (train, "--ngf", 10 ** 6), (train, "--seed", -1), (train, "--max_bad_steps", 0),
     (generate, "--num_images", 0), (generate, "--num_images", 10 ** 12), (generate, "--batch_size", 0),
+    (generate, "--new_masks", 0), (downstream, "--steps", 0), (downstream, "--seg_width", 0),
     (evaluate, "--batch_size", -1), (evaluate, "--n_variations", 100000),
     (downstream, "--seeds", 0), (downstream, "--epochs", 0), (downstream, "--reject", 1.0), (train, "--style_dim", -1),
     (preprocess, "--test_split", 0), (preprocess, "--img_size", 10 ** 6), (preprocess, "--demo", -1),
