@@ -104,7 +104,7 @@ def mask_dice(images_uint8, masks_uint8):
 def texture_block(fake_uint8, real_uint8, masks_uint8):
     """The artefact scores (metrics.grid_score, repeat_score) and mask agreement, generated beside real."""
     return {name: {"grid": metrics.grid_score(images), "repeat": metrics.repeat_score(images),
-                   "mask_dice": mask_dice(images, masks_uint8)}
+                   "detail_std": metrics.detail_strength(images), "mask_dice": mask_dice(images, masks_uint8)}
             for name, images in (("generated", fake_uint8), ("real", real_uint8))}
 
 
@@ -130,11 +130,13 @@ def print_realism_table(summary):
     alex = summary["distribution_alex"]
     if alex["status"] == "ok":
         full = alex["generated_vs_real"]
-        print(f"  {'FD / KID x1000 (AlexNet)':<22}{fmt(full['fid'], '.2f') + ' / ' + fmt(1000 * full['kid_mean'], '.2f'):>24}"
-              f"{fmt(alex['real_vs_real_reference']['fid'], '.2f') + ' (halves)':>28}")
+        h, r = alex["generated_vs_real_halves"], alex["real_vs_real_reference"]
+        print(f"  {'FD AlexNet (halves)':<22}{fmt(h['fid'], '.3f'):>24}{fmt(r['fid'], '.3f'):>28}")
+        print(f"  {'KID AlexNet x1000':<22}{fmt(1000 * h['kid_mean'], '.2f'):>24}{fmt(1000 * r['kid_mean'], '.2f'):>28}")
     gen, real = summary["texture"]["generated"], summary["texture"]["real"]
     print(f"  {'grid (lattice peaks)':<22}{fmt(gen['grid'], '.3f'):>24}{fmt(real['grid'], '.3f'):>28}")
     print(f"  {'repeat (detail corr.)':<22}{fmt(gen['repeat'], '.4f'):>24}{fmt(real['repeat'], '.4f'):>28}")
+    print(f"  {'detail std (grey lv.)':<22}{fmt(gen['detail_std'], '.2f'):>24}{fmt(real['detail_std'], '.2f'):>28}")
     print(f"  {'mask Dice (OpenCV)':<22}{fmt(gen['mask_dice'], '.3f'):>24}{fmt(real['mask_dice'], '.3f'):>28}")
     if div["status"] == "ok":
         label = f"diversity ({div['distance']})"

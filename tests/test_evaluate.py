@@ -174,7 +174,15 @@ def test_realism_writes_per_image_csv_and_summary_with_fid(tmp_path, calls, monk
     assert all(not c["stochastic"] for c in calls[: len(calls) - 3]) and len(stochastic) == 3
     assert len({c["seed"] for c in stochastic}) == 3 and all(len(c["masks"]) == 4 for c in stochastic)
     assert on_disk["diversity"]["status"] == "ok" and on_disk["diversity"]["value"] > 0  # dropout on: renders differ
+    assert 0 < on_disk["diversity"]["texture"] <= 2
     assert summary["n_images"] == n_test
+    # artefact scores and mask agreement for the renders and, as their reference, the real images
+    for side in ("generated", "real"):
+        scores = on_disk["texture"][side]
+        assert scores["grid"] > 0 and -1 <= scores["repeat"] <= 1 and 0 <= scores["mask_dice"] <= 1 and scores["detail_std"] >= 0
+    assert on_disk["texture"]["real"]["mask_dice"] > 0.5  # dark ellipses on light skin: the OpenCV segmentation finds them
+    alex = on_disk["distribution_alex"]
+    assert alex["status"] == "ok" and alex["generated_vs_real_halves"]["fid"] > alex["real_vs_real_reference"]["fid"]
 
 
 def test_realism_pairs_each_render_with_its_own_real_image(tmp_path, monkeypatch):
@@ -202,7 +210,8 @@ def test_realism_without_inception_says_unavailable_and_gives_no_number(tmp_path
     summary = json.loads(text)
     assert summary["distribution"]["status"].startswith("unavailable:")
     assert "not found" in summary["distribution"]["status"]
-    assert '"fid"' not in text and '"kid_mean"' not in text
+    inception = json.dumps(summary["distribution"])
+    assert '"fid"' not in inception and '"kid_mean"' not in inception
     printed = capsys.readouterr().out
     assert "unavailable:" in printed and "FID (" not in printed
     assert len(read_csv(out / "per_image.csv")) == sum(TEST.values())

@@ -206,3 +206,11 @@ def test_texture_diversity_is_0_for_identical_renders_and_about_1_for_independen
     assert metrics.texture_diversity(flat) == 0
     with pytest.raises(ValueError, match="V >= 2"):
         metrics.texture_diversity(textured(4).unsqueeze(1))
+
+
+def test_detail_strength_measures_fine_texture_only():
+    flat = torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)
+    r2 = (torch.arange(32) - 15.5).pow(2)
+    blob = (100 + 60 * torch.exp(-(r2[:, None] + r2[None, :]) / 800)).expand(4, 3, 32, 32).round().to(torch.uint8)  # smooth
+    assert metrics.detail_strength(flat) == 0 and metrics.detail_strength(blob) < 1
+    assert metrics.detail_strength(textured(4, 32)) > 5
