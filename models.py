@@ -806,11 +806,11 @@ if __name__ == "__main__":
     parser.add_argument("--img_size", type=int, default=128)
     parser.add_argument("--ngf", type=int, default=DEFAULT_CONFIG["ngf"])
     parser.add_argument("--ndf", type=int, default=DEFAULT_CONFIG["ndf"])
-    parser.add_argument("--upsample", default=DEFAULT_CONFIG["upsample"])
+    parser.add_argument("--upsample", default="resize")
     args = parser.parse_args()
-    # train.py's default: both critics and a style code of 8
+    # train.py's default: both critics, a style code of 8, noise maps and reflected borders
     config = make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, upsample=args.upsample, projected_d=True,
-                         noise_dim=8, style_encoder=True)
+                         noise_dim=8, style_encoder=True, noise_maps=True, padding="reflect")
     G, D = build_generator(config).eval(), build_discriminator(config).eval()
     masks = torch.zeros(2, 1, args.img_size, args.img_size)
     images = G(masks)

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--lambda_l1", type=float, default=100.0)
-    p.add_argument("--l1_scale", type=int, default=1,
+    p.add_argument("--l1_scale", type=int, default=4,
                    help="L1 between the images area-downsampled by this factor (a power of two): it keeps what mask and "
                         "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
@@ -67,13 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--norm", choices=["batch", "instance"], default=models.DEFAULT_CONFIG["norm"])
     p.add_argument("--ngf", type=int, default=models.DEFAULT_CONFIG["ngf"])
     p.add_argument("--ndf", type=int, default=models.DEFAULT_CONFIG["ndf"])
-    p.add_argument("--upsample", choices=["transpose", "resize"], default=models.DEFAULT_CONFIG["upsample"])
+    p.add_argument("--upsample", choices=["transpose", "resize"], default="resize",
+                   help="decoder upsampling: bilinear resize + 3x3 convolution, or transposed convolution (the recipe's)")
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
-    p.add_argument("--padding", choices=["zeros", "reflect"], default=models.DEFAULT_CONFIG["padding"],
+    p.add_argument("--padding", choices=["zeros", "reflect"], default="reflect",
                    help="the generator's convolution padding; reflect gives no layer the image edge to anchor marks to")
-    p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=True,
                    help="per-pixel noise at every decoder level with a learned strength per channel (StyleGAN), so that "
                         "texture is drawn anew for every render instead of stamped at fixed pixels")
     p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
@@ -521,6 +522,9 @@ def check_training_state(state, path):
 # a run saved with one of them on cannot be continued as it was.
 REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0}
 
+# Loss flags added after runs were saved without them, with the value those runs trained with.
+ADDED_FLAGS = {"l1_scale": 1}
+
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile",
                     "data_dir", "outputs_dir")
@@ -550,11 +554,13 @@ def resolve_resume(args, parser, argv):
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, or before it became the default, have no or another value).
     saved["style_dim"] = state["config"]["noise_dim"] if state["config"]["style_encoder"] else 0
+    saved.update({key: state["config"][key] for key in ("upsample", "padding", "noise_maps")})
     for name, value in saved.items():
         if not _same_kind(value, defaults[name]):
             raise models.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
-    # Defaults first: a run saved before a flag existed resumes with that flag's default.
-    resumed = argparse.Namespace(**{**defaults, **saved})
+    # Defaults first: a run saved before a flag existed resumes with that flag's default, or with the value it
+    # trained with where the default has changed since (ADDED_FLAGS).
+    resumed = argparse.Namespace(**{**defaults, **ADDED_FLAGS, **saved})
     for name in RESUME_OVERRIDES:
         if name in given:
             setattr(resumed, name, getattr(args, name))

@@ -137,6 +137,8 @@ def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(
         planes = models.class_planes(labels, 2, 32)
         torch.manual_seed(3)
         implicit = generator(masks, planes)
+        torch.manual_seed(3)
+        generator.sample_styles(40, "cpu", labels)  # the same draw first, so that the noise maps draw alike too
         assert torch.equal(implicit, generator(masks, planes, drawn))
 
 
@@ -179,7 +181,8 @@ def test_half_precision_export_is_smaller_and_renders_alike(style_model, tiny_da
     models.export_generator(src, dst)
     assert os.path.getsize(dst) < 0.6 * os.path.getsize(src)
     stored = torch.load(dst, weights_only=True)
-    assert stored["generator"]["out.0.weight"].dtype == torch.float16 and stored["style_labels"].dtype == torch.long
+    last_conv = [k for k in stored["generator"] if k.startswith("out.") and k.endswith(".weight")][-1]
+    assert stored["generator"][last_conv].dtype == torch.float16 and stored["style_labels"].dtype == torch.long
     (full, config, _), (half, _, ckpt) = models.load_generator(src), models.load_generator(dst)
     assert next(half.parameters()).dtype == torch.float32 and torch.equal(half.style_labels, full.style_labels)
     assert models.load_style_encoder(ckpt, config, dst) is not None

@@ -1,4 +1,5 @@
 """Training: a step learns, checkpoints are written and resumable, AMP and NaN handling, kill -9."""
+import json
 import os
 import signal
 import subprocess
@@ -197,6 +198,24 @@ def test_removed_options_are_refused_by_name_and_old_checkpoints_still_load(tiny
         train.main(["--resume", model_dir, "--n_epochs", "2"])
 
 
+def test_a_run_saved_before_the_texture_defaults_resumes_as_it_was_trained(tiny_data, run_dirs):
+    """A last.pth from before --l1_scale / --noise_maps / --padding existed: no such args, no such config keys.
+    It resumes with pixel L1 and its own architecture, not with today's defaults."""
+    model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--upsample", "transpose", "--padding", "zeros",
+                          "--no-noise_maps", "--run_name", "before")
+    path = os.path.join(model_dir, "last.pth")
+    state = torch.load(path, weights_only=True)
+    args = {k: v for k, v in state["args"].items() if k not in ("l1_scale", "noise_maps", "padding")}
+    config = {k: v for k, v in state["config"].items() if k not in ("noise_maps", "padding")}
+    torch.save({**state, "args": args, "config": config}, path)
+    train.main(["--resume", model_dir, "--n_epochs", "2"])
+    with open(os.path.join(model_dir, "config.json")) as f:
+        resumed = json.load(f)
+    assert resumed["args"]["l1_scale"] == 1 and not resumed["args"]["noise_maps"] and resumed["args"]["padding"] == "zeros"
+    assert not resumed["config"]["noise_maps"] and resumed["config"]["padding"] == "zeros"
+    assert train.parse_args([])[0].l1_scale == 4  # while a new run takes today's default
+
+
 def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     args = train.parse_args(["--lr", "1e-3"])[0]
     config = models.make_config(img_size=32, ngf=4, ndf=4, noise_dim=4, style_encoder=True, d_scales=2)
@@ -244,7 +263,8 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     assert first["config"]["projected_d"] and first["config"]["style_encoder"] and first["config"]["noise_dim"] == 8
     assert first["style_encoder"] is not None and first["generator"]["style_bank"].abs().sum() > 0
     # the saved generator is the EMA copy, not the weights the optimizer trains
-    assert first["ema"] is not None and not torch.equal(first["generator"]["out.0.weight"], first["generator_train"]["out.0.weight"])
+    last_conv = [k for k in first["generator"] if k.startswith("out.") and k.endswith(".weight")][-1]
+    assert first["ema"] is not None and not torch.equal(first["generator"][last_conv], first["generator_train"][last_conv])
     model_dir = train.main(["--resume", model_dir, "--n_epochs", "2", "--outputs_dir", run_dirs[3]])
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     heads = [k for k in state["discriminator"] if k.startswith("projected.heads") and k.endswith("weight")]
