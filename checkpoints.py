@@ -178,7 +178,7 @@ def run_name(model_path):
 
 
 def check_training_state(state, path):
-    """Refuse a last.pth whose entries are not what this script saves, before any network is built:
+    """Refuse a last.pth whose entries are not what train.py saves, before any network is built:
     the config within bounds, every network's weights of the shapes that config gives."""
     config = state["config"] = checked_config(state, path)
     if not isinstance(state.get("args"), dict):

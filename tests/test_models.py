@@ -206,3 +206,17 @@ def test_perceptual_loss_is_zero_for_equal_images_and_grows_with_blur():
     fake = blurred.clone().requires_grad_(True)
     lpips(fake, photo).sum().backward()
     assert fake.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_old_checkpoint_configs_are_upgraded_to_what_they_were_trained_with():
+    """Keys a checkpoint predates take the value it was trained with, not today's default; the style code's
+    two old keys become style_dim; what this version cannot rebuild is refused."""
+    old = checkpoints.upgrade_config({"noise_dim": 8, "style_encoder": True, "noise_injection": False})
+    assert old["style_dim"] == 8 and "noise_dim" not in old and "style_encoder" not in old
+    assert (old["upsample"], old["padding"], old["noise_maps"], old["projected_d"]) == ("transpose", "zeros", False, False)
+    assert checkpoints.upgrade_config({})["style_dim"] == 0
+    assert checkpoints.upgrade_config(models.make_config()) == models.make_config()  # today's configs pass unchanged
+    with pytest.raises(ValueError, match="no style encoder"):
+        checkpoints.upgrade_config({"noise_dim": 8, "style_encoder": False})
+    with pytest.raises(ValueError, match="noise_dim must be an int"):
+        checkpoints.upgrade_config({"noise_dim": "8", "style_encoder": True})

@@ -292,3 +292,11 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
     assert recipe.style_dim == 0 and train.model_config(recipe)["style_dim"] == 0 and recipe.ema == 0
+
+
+def test_the_model_config_defaults_are_train_py_defaults():
+    """One source of truth: a run with no architecture flags is models.DEFAULT_CONFIG, nothing else."""
+    assert train.model_config(train.parse_args([])[0]) == models.make_config()
+    for name, value in models.DEFAULT_CONFIG.items():
+        if name in vars(train.parse_args([])[0]):
+            assert getattr(train.parse_args([])[0], name) == value, name
