@@ -1,7 +1,8 @@
 """Paired (mask, image) data: find the pairs, decode them once into a uint8 cache, augment both alike.
 
 A split folder is what preprocess.py writes: <split>/masks/<stem>.png and <split>/originals/<stem>.png.
-generate.py also accepts a flat folder of masks (no originals).
+generate.py also accepts a flat folder of masks (no originals). Also here: labels files of the common
+formats, and lesion masks as data (checks, jitter, new masks from a shape model of the training masks).
 """
 import csv
 import math
@@ -22,7 +23,6 @@ from cli import LABELS_FILE, UsageError, ascii_int, check_memory, check_name
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the one list: sources, masks, splits, ids
 MAX_PIXELS = 180_000_000  # decompression-bomb guard (preprocess.py uses the same); the largest ISIC images are ~30 MP
 EXTREME_ASPECT = 4.0  # width/height beyond this (or below its inverse) is squashed badly by the square resize
-
 
 
 def list_images(folder):

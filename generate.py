@@ -79,7 +79,6 @@ def parse_args(argv=None):
     return args
 
 
-
 # ---------------------------------------------------------------------------------- rendering masks
 
 @torch.inference_mode()

@@ -107,8 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--outputs_dir", default="pixelgan_outputs")
     p.add_argument("--run_name", default="", help="folder name instead of the timestamp")
     p.add_argument("--no_tensorboard", action="store_true")
-    tokens = argv if argv is not None else sys.argv[1:]
-    for token in tokens:
+    # before argparse, whose "unrecognized arguments" would not say what to use instead
+    for token in argv if argv is not None else sys.argv[1:]:
         name = token.split("=", 1)[0].removeprefix("--no-").removeprefix("--")
         if token.startswith("--") and name in RETIRED_FLAGS:
             p.error(f"--{name} was removed: {RETIRED_FLAGS[name]}")

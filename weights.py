@@ -279,5 +279,3 @@ def converted_inception(ts_path: Path, cache: Path, known_sha1: str | None = Non
     digest = known_sha1 or sha1(ts_path)
     out = cache / f"inception-2015-12-05-torchfidelity-from-{digest[:12]}.pth"
     return out if out.is_file() else convert_torchscript(ts_path, out)
-
-
