@@ -1,10 +1,7 @@
-"""The architecture: shapes, parameter counts, patch map, init; checkpoint helpers; pretrained weight checks."""
-import os
-
+"""The architecture (models.py): shapes, parameter counts, patch map, init, the projected critic."""
 import pytest
 import torch
 
-import checkpoints
 import models
 import weights
 
@@ -92,59 +89,6 @@ def test_conditional_generator_output_depends_on_class():
     assert D(masks, out_a, models.class_planes(torch.tensor([0, 0]), 3, 32))[0].shape == (2, 1, 2, 2)
 
 
-def test_latest_checkpoint_is_highest_epoch_by_number(tmp_path):
-    for epoch in (15, 90, 150, 135):
-        (tmp_path / f"generator_epoch_{epoch}.pth").write_bytes(b"x")
-    (tmp_path / "generator_epoch_best.pth").write_bytes(b"x")
-    assert checkpoints.latest_generator_path(str(tmp_path)).endswith("generator_epoch_150.pth")
-    with pytest.raises(checkpoints.CheckpointError, match="no such model folder"):
-        checkpoints.latest_generator_path(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(checkpoints.CheckpointError, match="no generator_epoch"):
-        checkpoints.latest_generator_path(str(tmp_path / "empty"))
-
-
-def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = str(tmp_path / "last.pth")
-    checkpoints.save_atomic({"epoch": 1}, path)
-
-    def crash(obj, f):
-        f.write(b"partial")
-        raise KeyboardInterrupt  # a kill in the middle of writing
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_atomic({"epoch": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-
-
-def test_load_generator_rejects_non_checkpoints_and_other_architectures(tmp_path):
-    text = tmp_path / "notes.pth"
-    text.write_text("not a checkpoint")
-    with pytest.raises(checkpoints.CheckpointError, match="notes.pth: not a PixelGAN checkpoint"):
-        checkpoints.load_generator(str(text))
-    config = models.make_config(img_size=32, ngf=4)
-    G = models.build_generator(config)
-    other = dict(config, ngf=8)
-    torch.save({"config": other, "generator": G.state_dict(), "epoch": 1}, tmp_path / "g.pth")
-    with pytest.raises(checkpoints.CheckpointError, match="do not match"):
-        checkpoints.load_generator(str(tmp_path / "g.pth"))
-    torch.save({"weights": 1}, tmp_path / "dict.pth")
-    with pytest.raises(checkpoints.CheckpointError, match="not a PixelGAN generator checkpoint"):
-        checkpoints.load_generator(str(tmp_path / "dict.pth"))
-
-
-def test_checkpoint_with_code_is_refused(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    torch.save({"config": {}, "generator": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(checkpoints.CheckpointError, match="evil.pth"):
-        checkpoints.load_checkpoint(str(tmp_path / "evil.pth"))
-
-
 def test_projected_discriminator_on_frozen_imagenet_features():
     D = models.build_discriminator(models.make_config(projected_d=True))
     masks, images = torch.zeros(2, 1, 128, 128), torch.rand(2, 3, 128, 128) * 2 - 1
@@ -177,46 +121,3 @@ def test_projected_discriminator_on_frozen_imagenet_features():
     assert torch.equal(again.projected.ccm3, D.projected.ccm3)
     with pytest.raises(ValueError, match="projected_d"):
         models.make_config(img_size=16, projected_d=True)
-
-
-def test_pretrained_weights_are_checked_on_load(monkeypatch):
-    weights.checked_feature_weights.cache_clear()
-    monkeypatch.setattr(weights, "IMAGENET_CHECK_CLASS", 1)
-    with pytest.raises(weights.PretrainedWeightsError, match="predicts ImageNet class 652"):
-        weights.load_feature_network()
-    monkeypatch.undo()
-    assert int(weights.load_feature_network()(weights.check_photo()).argmax()) == 652
-    monkeypatch.setattr(weights, "LPIPS_CHECK_DISTANCE", 0.5)
-    with pytest.raises(weights.PretrainedWeightsError, match="ST-LPIPS gives 0.37"):
-        weights.load_stlpips()
-    # A missing package is a one-line instruction (a ValueError: the scripts print it as one line).
-    import sys
-    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
-    with pytest.raises(ValueError, match="pip install efficientnet-lite-pytorch"):
-        weights.load_feature_network()
-
-
-def test_perceptual_loss_is_zero_for_equal_images_and_grows_with_blur():
-    lpips = weights.load_stlpips()
-    photo = weights.check_photo(64)
-    blurred = torch.nn.functional.avg_pool2d(photo, 3, stride=1, padding=1, count_include_pad=False)
-    blurrier = torch.nn.functional.avg_pool2d(photo, 7, stride=1, padding=3, count_include_pad=False)
-    assert float(lpips(photo, photo).flatten()[0]) == 0
-    assert 0 < float(lpips(photo, blurred).flatten()[0]) < float(lpips(photo, blurrier).flatten()[0])
-    fake = blurred.clone().requires_grad_(True)
-    lpips(fake, photo).sum().backward()
-    assert fake.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())
-
-
-def test_old_checkpoint_configs_are_upgraded_to_what_they_were_trained_with():
-    """Keys a checkpoint predates take the value it was trained with, not today's default; the style code's
-    two old keys become style_dim; what this version cannot rebuild is refused."""
-    old = checkpoints.upgrade_config({"noise_dim": 8, "style_encoder": True, "noise_injection": False})
-    assert old["style_dim"] == 8 and "noise_dim" not in old and "style_encoder" not in old
-    assert (old["upsample"], old["padding"], old["noise_maps"], old["projected_d"]) == ("transpose", "zeros", False, False)
-    assert checkpoints.upgrade_config({})["style_dim"] == 0
-    assert checkpoints.upgrade_config(models.make_config()) == models.make_config()  # today's configs pass unchanged
-    with pytest.raises(ValueError, match="no style encoder"):
-        checkpoints.upgrade_config({"noise_dim": 8, "style_encoder": False})
-    with pytest.raises(ValueError, match="noise_dim must be an int"):
-        checkpoints.upgrade_config({"noise_dim": "8", "style_encoder": True})
