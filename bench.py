@@ -1,6 +1,6 @@
-"""Benchmark the real training step (train.train_step) and generation path (models.render).
+"""Benchmark the real training step (train.train_step) and generation path (generate.render).
 
-    python bench.py --amp                         # default 128x128 model, batch 8, on this machine
+    python bench.py --amp                         # default 128x128 model, batch 16, on this machine
     python bench.py --compare                     # reference pix2pix U-Net fp32, original recipe and default --amp
     python bench.py --amp --data_dir data         # also one epoch over real data: data wait vs compute
     python bench.py --amp --no-channels_last      # one switch per optimisation, to show each one's gain
@@ -22,20 +22,18 @@ import torch.distributed as dist
 
 import models
 import train
-from dataset import ArgumentParser, PairedDataset, Range, check_device, check_ranges, run_cli, to_model_range
+import generate
+from cli import SHARED_LIMITS, ArgumentParser, Range, add_shared_flags, check_device, check_ranges, run_cli
+from dataset import PairedDataset, to_model_range
 
 
-LIMITS = {"batch_size": Range(1, 4096), "gen_batch_size": Range(1, 4096), "img_size": Range(16, 1024),
-          "steps": Range(1, 100_000), "warmup": Range(0, 100_000), "num_workers": Range(0, 256)}
+LIMITS = {**SHARED_LIMITS, "gen_batch_size": Range(1, 4096), "steps": Range(1, 100_000), "warmup": Range(0, 100_000)}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch_size", type=int, default=8)
+    add_shared_flags(p, "device", "amp", "batch_size", "num_workers", "img_size")
     p.add_argument("--gen_batch_size", type=int, default=None, help="generation batch (default: --batch_size)")
-    p.add_argument("--img_size", type=int, default=128)
-    p.add_argument("--amp", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
@@ -53,7 +51,6 @@ def parse_args(argv=None):
                    help='train.py flags for the timed configuration, e.g. "--style_dim 0" (with --compare: for its '
                         'default and recipe rows)')
     p.add_argument("--data_dir", default=None, help="also time one epoch over <data_dir>/train")
-    p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
     args = p.parse_args(argv)
     check_ranges(args, LIMITS)
@@ -110,7 +107,7 @@ def model_config(args):
 def trainer_args(args):
     """train.py's flags for this measurement: its defaults (the reference layout and the original recipe
     train with the original recipe's losses)."""
-    flags = ["--img_size", str(args.img_size)] + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
+    flags = ["--img_size", str(args.img_size)] + (["--amp", args.amp] if args.amp else []) + (["--compile"] if args.compile else [])
     flags += train.ORIGINAL_RECIPE if args.reference or args.original_recipe else []
     return train.parse_args(flags + shlex.split(args.train_flags))[0]
 
@@ -158,7 +155,7 @@ def bench_generate(args, device, trainer, peaks):
     generator = train.sampling_generator(trainer).eval()
     masks_u8, _ = random_batch(batch, args.img_size)
     config = trainer.config
-    seconds = timed(lambda: models.render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
+    seconds = timed(lambda: generate.render(generator, config, masks_u8, device=device, batch_size=batch, amp=args.amp),
                     device, args.steps, args.warmup)
     gflop = models.gflops_per_image(generator, to_model_range(masks_u8[:1], device))
     dtype = trainer.dtype or torch.float32
@@ -263,9 +260,9 @@ def main(argv=None):
 
     runs = [args]
     if args.compare:
-        runs = [argparse.Namespace(**{**vars(args), "reference": True, "original_recipe": False, "amp": False}),
-                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": True, "amp": True}),
-                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": False, "amp": True})]
+        runs = [argparse.Namespace(**{**vars(args), "reference": True, "original_recipe": False, "amp": None}),
+                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": True, "amp": "auto"}),
+                argparse.Namespace(**{**vars(args), "reference": False, "original_recipe": False, "amp": "auto"})]
     if not args.json:
         print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{args.img_size}x{args.img_size}, {args.steps} timed steps after {args.warmup} warm-up")

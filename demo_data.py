@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset import LABELS_FILE, UsageError, write_csv, write_image
+from cli import LABELS_FILE, UsageError, write_csv, write_image
 
 DEMO_MARKER = ".pixelgan_demo"  # in a folder --demo wrote: "<n> <seed>"; only such a folder is ever replaced
 

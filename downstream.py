@@ -31,10 +31,13 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_reca
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import checkpoints
+import generate
 import models
-from dataset import (MASK_METHODS, ArgumentParser, PairedDataset, RandomRot90, Range, UsageError, ascii_int, atomic_path,
-                     check_device, check_memory, check_name, check_ranges, fmt, new_masks, paired_augmentation, read_image,
-                     read_labels, run_cli, shape_ks_line, to_model_range, write_json)
+from cli import (SHARED_LIMITS, ArgumentParser, Range, UsageError, add_shared_flags, ascii_int, atomic_path, autocast, autocast_dtype,
+                 check_device, check_memory, check_name, check_ranges, fmt, run_cli, write_json)
+from dataset import (MASK_METHODS, PairedDataset, RandomRot90, new_masks, paired_augmentation, read_image, read_labels,
+                     shape_ks_line, to_model_range)
 
 # synthetic_only is CAS (Ravuri & Vinyals 2019): trained on renders alone, tested on real images
 SETTINGS = ("real_only", "real_plus_synthetic", "real_plus_twin", "synthetic_only", "synthetic_then_real")
@@ -116,12 +119,12 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
     loader = torch.utils.data.DataLoader(ImageSet(images, labels, classifier_augmentation()), batch_size=batch,
                                          sampler=sampler, drop_last=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    dtype = models.autocast_dtype(device, args.amp)
+    dtype = autocast_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for x, y in loader:
         x, y = to_model_range(x, device, torch.channels_last), y.to(device, non_blocking=True)
-        with models.autocast(device, dtype):
+        with autocast(device, dtype):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -138,11 +141,11 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
 def predict_proba(model, images, args):
     model.eval()
     device = torch.device(args.device)
-    dtype = models.autocast_dtype(device, args.amp)
+    dtype = autocast_dtype(device, args.amp)
     out = []
     for start in range(0, len(images), args.batch_size):
         x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
-        with models.autocast(device, dtype):
+        with autocast(device, dtype):
             out.append(model(x).float().softmax(1).cpu())
     return torch.cat(out)
 
@@ -222,7 +225,7 @@ def read_synthetic_dir(folder, classes, size):
     path = os.path.join(folder, "labels.csv")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: not found (expected DIR/labels.csv with image path and label columns)")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # generate.py writes UTF-8 (dataset.write_csv)
+    with open(path, newline="", encoding="utf-8-sig") as f:  # generate.py writes UTF-8 (cli.write_csv)
         rows = [r for r in csv.reader(f) if r]
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if "label" in header:  # a header row; the path is whichever other column names a file
@@ -254,7 +257,7 @@ def read_synthetic_dir(folder, classes, size):
 def synthesize(model_path, data_dir, classes, requested, args):
     """{class: uint8 images}: `requested[class]` renders made exactly as generate.py --class/--balance
     makes them (jittered masks of that class, stochastic generator)."""
-    generator, config, _ = models.load_generator(model_path)
+    generator, config, _ = checkpoints.load_generator(model_path)
     check_memory(sum(requested.values()) * 3 * max(config["img_size"], args.img_size) ** 2,
                  f"{sum(requested.values())} synthetic images", "lower --minority_to, --reject or --img_size")
     labels = read_labels(data_dir)
@@ -264,8 +267,8 @@ def synthesize(model_path, data_dir, classes, requested, args):
     for k, (name, n) in enumerate(requested.items()):
         if n <= 0:
             continue
-        # through the module, so that a stand-in models.render (tests) is the one used
-        images = models.class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
+        # through the module, so that a stand-in generate.render (tests) is the one used
+        images = generate.class_images(generator, config, train, labels, name, n, args.device, args.batch_size, args.amp,
                                      seed=args.seed + k)
         out[name] = resize_images(images, args.img_size)
         print(f"generated {n} {name} images from the {name} train masks")
@@ -277,7 +280,7 @@ def synthesize(model_path, data_dir, classes, requested, args):
 
 def default_output_dir(model_path):
     if model_path:
-        return os.path.join("pixelgan_outputs", models.run_name(model_path), "downstream")
+        return os.path.join("pixelgan_outputs", checkpoints.run_name(model_path), "downstream")
     return os.path.join("pixelgan_outputs", "downstream_" + time.strftime("%Y%m%d-%H%M%S"))
 
 
@@ -432,7 +435,7 @@ def evaluate_downstream(args):
                      real_per_class[c] if set(settings) & twin_settings else 0)
               for c in present}
     pool_size = {c: math.ceil(n / (1 - args.reject)) for c, n in wanted.items()}
-    model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
+    model_path = checkpoints.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
     pool, source = synthetic_pool(args, classes, present, pool_size, model_path)
     pool = {c: pool.get(c, x_real[:0]) for c in present}  # a class nothing was rendered for: no images
     lacking = [c for c in present if not len(pool[c])]
@@ -566,13 +569,13 @@ def train_segmenter(images, masks, args, seed, steps, bar=None):
                                              generator=torch.Generator().manual_seed(seed))
     loader = torch.utils.data.DataLoader(PairSet(images, masks), batch_size=batch, sampler=sampler, drop_last=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    dtype = models.autocast_dtype(device, args.amp)
+    dtype = autocast_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     total = torch.zeros((), device=device)
     for x, m in loader:
         x = to_model_range(x, device, torch.channels_last)
         target = m.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
-        with models.autocast(device, dtype):
+        with autocast(device, dtype):
             logits = model(x)
         loss = segmentation_loss(logits.float(), target)
         opt.zero_grad(set_to_none=True)
@@ -608,11 +611,11 @@ def segmentation_metrics(pred, target):
 def predict_masks(model, images, args):
     model.eval()
     device = torch.device(args.device)
-    dtype = models.autocast_dtype(device, args.amp)
+    dtype = autocast_dtype(device, args.amp)
     out = []
     for start in range(0, len(images), args.batch_size):
         x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
-        with models.autocast(device, dtype):
+        with autocast(device, dtype):
             out.append((model(x).float() > 0).cpu())
     return torch.cat(out)
 
@@ -655,8 +658,8 @@ def rendered_pools(generator, config, masks, labels, k, n, args):
     again_labels = [labels[i] for i in (torch.arange(n) % len(masks)).tolist()] if labels else None
     pools = {}
     for name, m, lab in (("new", made, made_labels), ("rerender", again, again_labels)):
-        ids = torch.stack([models.class_index(config, c) for c in (lab or [None] * n)])
-        images = models.render(generator, config, m, ids, device=args.device, batch_size=args.batch_size, amp=args.amp,
+        ids = torch.stack([generate.class_index(config, c) for c in (lab or [None] * n)])
+        images = generate.render(generator, config, m, ids, device=args.device, batch_size=args.batch_size, amp=args.amp,
                                stochastic=True, seed=args.seed + k)
         pools[name] = (resize_images(images, args.img_size), resize_masks(m, args.img_size))
     return pools, report
@@ -682,10 +685,10 @@ def evaluate_segmentation(args):
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     folders = {name: pair_split(path, args.img_size, args.num_workers, f"--{name}_pairs")
                for name, path in (("new", args.new_pairs), ("rerender", args.rerender_pairs)) if path}
-    model_path = models.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
+    model_path = checkpoints.generator_path(args.model_path, args.model_folder) if args.model_folder or args.model_path else None
     sources = list(folders) if folders else ["new", "rerender"]
     if model_path:
-        generator, config, _ = models.load_generator(model_path)
+        generator, config, _ = checkpoints.load_generator(model_path)
         labels = read_labels(args.data_dir)
         gen_train = train if config["img_size"] == args.img_size else PairedDataset(
             os.path.join(args.data_dir, "train"), config["img_size"], num_workers=args.num_workers)
@@ -848,8 +851,7 @@ def write_segmentation_chart(result, path):
 # --------------------------------------------------------------------------------------------------- main
 
 
-LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
-          "num_workers": Range(0, 256), "seeds": Range(1, 100), "epochs": Range(1, 10_000),
+LIMITS = {**SHARED_LIMITS, "seeds": Range(1, 100), "epochs": Range(1, 10_000),
           "minority_to": Range(0, 1_000_000), "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1),
           "reject": Range(0, 1, hi_open=True), "steps": Range(1, 1_000_000), "seg_width": Range(1, 256)}
 
@@ -881,12 +883,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--img_size", type=int, default=128, help="classifier input size; real and synthetic images are resized to it")
-    p.add_argument("--batch_size", type=int, default=32, help="images per classifier step (and per render call)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", action="store_true", help="mixed precision as in train.py: bf16 where supported, else fp16 with loss scaling")
-    p.add_argument("--seed", type=int, default=0, help="first classifier seed; renders are seeded from it too")
-    p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
+    add_shared_flags(p, img_size="classifier input size; real and synthetic images are resized to it",
+                     batch_size="images per classifier step (and per render call)",
+                     seed="first classifier seed; renders are seeded from it too")
     p.add_argument("--output_dir", default=None,
                    help="default: pixelgan_outputs/<TS>/downstream (a generator), pixelgan_outputs/downstream_<time> (--synthetic_dir)")
     seg = p.add_argument_group("--task segmentation")

@@ -21,10 +21,13 @@ import time
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import generate
 import metrics
-import models
-from dataset import (ArgumentParser, PairedDataset, Range, UsageError, atomic_path, check_device, check_name, check_ranges,
-                     fmt, read_labels, run_cli, to_model_range, write_json)
+import weights
+from cli import (SHARED_LIMITS, ArgumentParser, Range, UsageError, add_shared_flags, atomic_path, check_device, check_name, check_ranges, fmt,
+                 run_cli, write_json)
+from dataset import PairedDataset, read_labels, to_model_range
 
 
 # ------------------------------------------------------------------------------------------------ realism
@@ -36,8 +39,8 @@ def render_in_chunks(generator, config, masks, labels, args, desc):
     out = []
     for start in tqdm(range(0, len(masks), chunk), desc=desc, unit="chunk", disable=None):
         part_labels = labels[start:start + chunk] if labels is not None else None
-        out.append(models.render(generator, config, masks[start:start + chunk], labels=part_labels, device=args.device,
-                                 batch_size=args.batch_size, amp=args.amp, stochastic=False, seed=args.seed))
+        out.append(generate.render(generator, config, masks[start:start + chunk], labels=part_labels, device=args.device,
+                                   batch_size=args.batch_size, amp=args.amp, stochastic=False, seed=args.seed))
     return torch.cat(out)
 
 
@@ -79,8 +82,8 @@ def diversity_block(generator, config, masks, labels, args):
     if args.n_variations < 2 or n_masks < 1:
         return {"status": "skipped (needs --n_variations >= 2 and at least one mask)"}
     sub_labels = labels[:n_masks] if labels is not None else None
-    variations = [models.render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
-                         batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
+    variations = [generate.render(generator, config, masks[:n_masks], labels=sub_labels, device=args.device,
+                                  batch_size=args.batch_size, amp=args.amp, stochastic=True, seed=args.seed + 1 + k)
                   for k in tqdm(range(args.n_variations), desc="diversity", unit="render", disable=None)]
     variations = torch.stack(variations, 1)
     value, distance = metrics.diversity(to_model_range(variations, "cpu"))
@@ -150,16 +153,16 @@ def print_realism_table(summary):
 
 def evaluate_realism(args):
     t0 = time.time()
-    model_path = models.generator_path(args.model_path, args.model_folder)
-    generator, config, ckpt = models.load_generator(model_path)
+    model_path = checkpoints.generator_path(args.model_path, args.model_folder)
+    generator, config, ckpt = checkpoints.load_generator(model_path)
     generator.eval()
     img_size = config["img_size"]
     if args.img_size is not None and args.img_size != img_size:
         raise UsageError(f"--img_size {args.img_size} differs from the checkpoint's img_size {img_size}; "
                          "realism is measured at the size the generator was trained for")
-    epoch = models.checkpoint_epoch(model_path, ckpt)
+    epoch = checkpoints.checkpoint_epoch(model_path, ckpt)
     extractor = user_inception(args)
-    out_dir = args.output_dir or os.path.join("pixelgan_outputs", models.run_name(model_path), f"eval_epoch_{epoch}")
+    out_dir = args.output_dir or os.path.join("pixelgan_outputs", checkpoints.run_name(model_path), f"eval_epoch_{epoch}")
     os.makedirs(out_dir, exist_ok=True)
 
     conditional = config.get("n_classes", 0) > 0
@@ -204,7 +207,7 @@ def evaluate_realism(args):
     summary["distribution"] = distribution_block(fake, data.images, args, extractor)
     try:
         summary["distribution_alex"] = distribution_block(fake, data.images, args, metrics.AlexFeatures())
-    except models.PretrainedWeightsError as e:
+    except weights.PretrainedWeightsError as e:
         summary["distribution_alex"] = {"status": f"unavailable: {e}"}
     summary["texture"] = texture_block(fake, data.images, data.masks)
     summary["diversity"] = diversity_block(generator, config, data.masks, render_labels, args)
@@ -297,8 +300,7 @@ def plot_curves(run_dir, out_path=None):
 # --------------------------------------------------------------------------------------------------- main
 
 
-LIMITS = {"img_size": Range(16, 1024), "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1),
-          "num_workers": Range(0, 256), "n_variations": Range(0, 64), "n_diversity_masks": Range(0, 100_000)}
+LIMITS = {**SHARED_LIMITS, "n_variations": Range(0, 64), "n_diversity_masks": Range(0, 100_000)}
 
 
 def parse_args(argv=None):
@@ -307,12 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--model_path", help="one generator checkpoint (instead of --model_folder)")
     p.add_argument("--data_dir", default="data", help="preprocess.py output: {train,test}/{originals,masks}, labels.csv")
     p.add_argument("--split", default="test", help="split to evaluate on")
-    p.add_argument("--img_size", type=int, default=None, help="must match the checkpoint's (default: the checkpoint's)")
-    p.add_argument("--batch_size", type=int, default=64, help="masks per render call")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", action="store_true", help="mixed precision as in train.py: bf16 where supported, else fp16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=4, help="threads decoding images")
+    add_shared_flags(p, img_size_from_checkpoint=True, batch_size="masks per render call")
     p.add_argument("--output_dir", default=None,
                    help="default: pixelgan_outputs/<TS>/eval_epoch_<E>; with --plot: curves.png goes here instead")
     p.add_argument("--inception_weights", default=None, help="FID Inception weights file (see metrics.load_inception)")

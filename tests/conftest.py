@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Plumbing tests train the PatchGAN alone: the projected critic's pretrained trunk would only slow them
 # down; test_train.py trains the full default (both critics) on its own.
-TINY_MODEL = ["--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0", "--no_tensorboard", "--no-projected_d"]
+TINY_MODEL = ["--img_size", "32", "--width", "4", "--num_workers", "0", "--no_tensorboard", "--no-projected_d"]
 
 
 def write_split(folder, n, size=40, seed=0, classes=("melanoma", "nevus")):

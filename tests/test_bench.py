@@ -6,7 +6,7 @@ import bench
 
 def test_bench_builds_the_training_configuration_it_is_given():
     default = bench.parse_args(["--img_size", "32"])
-    assert bench.trainer_args(default).style_dim == 8 and bench.model_config(default)["style_encoder"]
+    assert bench.trainer_args(default).style_dim == 8 and bench.model_config(default)["style_dim"] == 8
     previous = bench.parse_args(["--img_size", "32", "--train_flags", "--style_dim 0 --lambda_l1 10 --no-projected_d",
                                  "--no-channels_last", "--no-fused_adam"])
     flags = bench.trainer_args(previous)

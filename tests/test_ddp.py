@@ -6,8 +6,8 @@ import sys
 
 import torch
 
+import checkpoints
 import generate
-import models
 from conftest import ROOT, TINY_MODEL, write_dataset
 
 # Runs train.main() in each rank, counting what train_step sees, then saves that rank's view.
@@ -63,7 +63,7 @@ def test_two_process_gloo_training(tmp_path):
     generate.main(["--model_folder", str(model_dir), "--input_dir", os.path.join(data, "test"),
                    "--output_dir", str(tmp_path / "gen")])
     assert len([n for n in os.listdir(tmp_path / "gen") if n.startswith("gen_only_")]) == 2
-    generator, _, _ = models.load_generator(str(model_dir / "generator_epoch_2.pth"))
+    generator, _, _ = checkpoints.load_generator(str(model_dir / "generator_epoch_2.pth"))
     assert all(torch.equal(generator.state_dict()[k], ranks[0]["G_sampled"][k]) for k in state)
 
     # resumes without torchrun

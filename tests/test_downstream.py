@@ -1,5 +1,5 @@
 """Tests for downstream.py on tiny 32x32 data and a tiny generator (CPU, a few seconds each), with the
-data, checkpoints and stand-in models.render of test_evaluate.py."""
+data, checkpoints and stand-in generate.render of test_evaluate.py."""
 
 import argparse
 import csv
@@ -75,7 +75,7 @@ def test_downstream_with_generator_balances_minority_classes(tmp_path, calls, mo
     assert j["steps"] == 2 * 2  # 2 passes over 11 real images in batches of 8, for every setting alike
     assert j["positive_class"] == "melanoma" and j["n_test"] == sum(TEST.values())
     # one pool of renders per class, as large as the larger use (top-up or twin); each class's renders used
-    # that class's index (and, through models.class_images, jittered masks of that class)
+    # that class's index (and, through generate.class_images, jittered masks of that class)
     pool = {c: max(wanted[c], TRAIN[c]) for c in classes}
     rendered = [c for c in calls if c["stochastic"]]
     assert sorted(len(c["masks"]) for c in rendered) == sorted(pool.values())

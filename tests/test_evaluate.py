@@ -1,6 +1,6 @@
 """Tests for evaluate.py on tiny 32x32 data and a tiny generator (CPU, a few seconds each).
 
-Most tests substitute a stand-in for models.render that follows the same contract (fast, and it records
+Most tests substitute a stand-in for generate.render that follows the same contract (fast, and it records
 what evaluate asked for); one test runs the real one. test_downstream.py uses the same data, checkpoints
 and stand-in, from here.
 """
@@ -20,8 +20,10 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import dataset  # noqa: E402
 import evaluate  # noqa: E402
+import generate  # noqa: E402
 import models  # noqa: E402
 
 SIZE = 32
@@ -75,7 +77,7 @@ def make_checkpoint(folder, epoch=3, **config_overrides):
 
 def standin_render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
                    styles=None):
-    """What models.render promises: uint8 renders, dropout on only when stochastic, seeded, given styles."""
+    """What generate.render promises: uint8 renders, dropout on only when stochastic, seeded, given styles."""
     generator = generator.to(device).eval()
     for m in generator.modules():
         if isinstance(m, nn.Dropout):
@@ -101,7 +103,7 @@ def record_renders(monkeypatch):
         log.append({"masks": masks_uint8.clone(), "labels": None if labels is None else labels.clone(), **kw})
         return standin_render(generator, config, masks_uint8, labels, **kw)
 
-    monkeypatch.setattr(models, "render", render)  # models.class_images (downstream.py) renders through it too
+    monkeypatch.setattr(generate, "render", render)  # generate.class_images (downstream.py) renders through it too
     return log
 
 
@@ -189,7 +191,7 @@ def test_realism_pairs_each_render_with_its_own_real_image(tmp_path, monkeypatch
     """A render of constant grey (0 in [-1, 1]) has a known L1 against each real image: checks name <-> image pairing."""
     data = make_data(tmp_path / "data")
     model = make_checkpoint(tmp_path / "models" / "RUN", dropout=0.0)
-    monkeypatch.setattr(models, "render", lambda g, c, masks, labels=None, **kw: torch.full((len(masks), 3, SIZE, SIZE), 128, dtype=torch.uint8))
+    monkeypatch.setattr(generate, "render", lambda g, c, masks, labels=None, **kw: torch.full((len(masks), 3, SIZE, SIZE), 128, dtype=torch.uint8))
     out = tmp_path / "out"
     summary = evaluate.main(["--model_path", str(model), "--data_dir", str(data), "--output_dir", str(out),
                              "--inception_weights", str(tmp_path / "none.pth"), "--n_variations", "2", "--num_workers", "1"])
@@ -220,7 +222,7 @@ def test_realism_without_inception_says_unavailable_and_gives_no_number(tmp_path
 def test_realism_rejects_a_different_img_size(tmp_path, calls):
     data = make_data(tmp_path / "data")
     model = make_checkpoint(tmp_path / "models" / "RUN")
-    with pytest.raises(dataset.UsageError, match="img_size"):
+    with pytest.raises(cli.UsageError, match="img_size"):
         evaluate.main(["--model_path", str(model), "--data_dir", str(data), "--img_size", "64", "--output_dir", str(tmp_path / "o")])
     assert not calls
 
@@ -286,7 +288,7 @@ def test_curves_figure_draws_each_series_where_it_has_values(tmp_path):
 
 
 def test_plot_needs_metrics_csv(tmp_path):
-    with pytest.raises(dataset.UsageError, match="metrics.csv"):
+    with pytest.raises(cli.UsageError, match="metrics.csv"):
         evaluate.main(["--plot", str(tmp_path)])
 
 
@@ -295,7 +297,7 @@ def test_plot_needs_metrics_csv(tmp_path):
 
 def test_downstream_flag_names_the_new_command(tmp_path, capsys):
     argv = ["--downstream", "--data_dir", str(tmp_path / "my data"), "--model_folder", "pixelgan_models/RUN"]
-    code = dataset.run_cli(lambda: evaluate.main(argv))  # as `python evaluate.py --downstream ...` runs it
+    code = cli.run_cli(lambda: evaluate.main(argv))  # as `python evaluate.py --downstream ...` runs it
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "Traceback" not in err[0]
     assert "python downstream.py --data_dir" in err[0] and "--model_folder pixelgan_models/RUN" in err[0]

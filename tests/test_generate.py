@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import generate
 import models
 import train
@@ -62,13 +63,13 @@ def test_more_images_than_masks_gives_distinct_variations(trained, tiny_data, tm
 
 
 def test_conflicting_img_size_and_bad_checkpoint_are_clear_errors(trained, tiny_data, tmp_path):
-    with pytest.raises(models.CheckpointError, match="trained at 32x32, but --img_size 128"):
+    with pytest.raises(checkpoints.CheckpointError, match="trained at 32x32, but --img_size 128"):
         generate.main(["--model_folder", trained, "--input_dir", os.path.join(tiny_data, "test"), "--img_size", "128"])
     junk = tmp_path / "junk.pth"
     junk.write_bytes(os.urandom(100))
-    with pytest.raises(models.CheckpointError, match="junk.pth: not a PixelGAN checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="junk.pth: not a PixelGAN checkpoint"):
         generate.main(["--model_path", str(junk), "--input_dir", os.path.join(tiny_data, "test")])
-    with pytest.raises(models.CheckpointError, match="no such model folder"):
+    with pytest.raises(checkpoints.CheckpointError, match="no such model folder"):
         generate.main(["--model_folder", str(tmp_path / "nope")])
 
 
@@ -118,8 +119,8 @@ def style_model(tiny_data, run_dirs):
 
 def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(style_model, tiny_data):
     path = os.path.join(style_model, "generator_epoch_1.pth")
-    generator, config, ckpt = models.load_generator(path)
-    assert models.load_style_encoder(ckpt, config, path) is not None  # saved beside the generator
+    generator, config, ckpt = checkpoints.load_generator(path)
+    assert checkpoints.load_style_encoder(ckpt, config, path) is not None  # saved beside the generator
     train_set = PairedDataset(os.path.join(tiny_data, "train"), 32, labels=read_labels(tiny_data), classes=config["classes"])
     bank, bank_labels = generator.style_bank, generator.style_labels
     rows = torch.arange(len(bank)) * len(train_set) // len(bank)
@@ -148,15 +149,15 @@ def test_style_image_renders_with_the_codes_of_the_given_photos_in_turn(style_mo
     for name, colour in (("a_pale.png", (200, 180, 230)), ("b_dark.png", (40, 60, 90))):
         cv2.imwrite(str(refs / name), np.full((50, 60, 3), colour, np.uint8))
     path = os.path.join(style_model, "generator_epoch_1.pth")
-    generator, config, ckpt = models.load_generator(path)
-    codes = generate.style_codes(models.load_style_encoder(ckpt, config, path), config, str(refs))
+    generator, config, ckpt = checkpoints.load_generator(path)
+    codes = generate.style_codes(checkpoints.load_style_encoder(ckpt, config, path), config, str(refs))
     assert codes.shape == (2, 4) and not torch.equal(codes[0], codes[1])
     test_dir = os.path.join(tiny_data, "test")
     out = tmp_path / "styled"
     generate.main(["--model_folder", style_model, "--input_dir", test_dir, "--style_image", str(refs),
                    "--output_dir", str(out)])
     dataset = PairedDataset(test_dir, 32, labels=read_labels(tiny_data), classes=config["classes"])
-    expected = models.render(generator, config, dataset.masks, dataset.labels, styles=codes[[0, 1, 0, 1]])
+    expected = generate.render(generator, config, dataset.masks, dataset.labels, styles=codes[[0, 1, 0, 1]])
     for k, name in enumerate(dataset.names):
         written = cv2.cvtColor(read_png(out / f"gen_only_{name}.png"), cv2.COLOR_BGR2RGB)
         assert np.array_equal(written, expected[k].permute(1, 2, 0).numpy())
@@ -178,16 +179,16 @@ def test_style_image_needs_a_model_with_a_style_encoder(tiny_data, run_dirs, tmp
 def test_half_precision_export_is_smaller_and_renders_alike(style_model, tiny_data, tmp_path):
     src = os.path.join(style_model, "generator_epoch_1.pth")
     dst = str(tmp_path / "generator_epoch_1.pth")
-    models.export_generator(src, dst)
+    checkpoints.export_generator(src, dst)
     assert os.path.getsize(dst) < 0.6 * os.path.getsize(src)
     stored = torch.load(dst, weights_only=True)
     last_conv = [k for k in stored["generator"] if k.startswith("out.") and k.endswith(".weight")][-1]
     assert stored["generator"][last_conv].dtype == torch.float16 and stored["style_labels"].dtype == torch.long
-    (full, config, _), (half, _, ckpt) = models.load_generator(src), models.load_generator(dst)
+    (full, config, _), (half, _, ckpt) = checkpoints.load_generator(src), checkpoints.load_generator(dst)
     assert next(half.parameters()).dtype == torch.float32 and torch.equal(half.style_labels, full.style_labels)
-    assert models.load_style_encoder(ckpt, config, dst) is not None
+    assert checkpoints.load_style_encoder(ckpt, config, dst) is not None
     dataset = PairedDataset(os.path.join(tiny_data, "test"), 32, labels=read_labels(tiny_data), classes=config["classes"])
-    a, b = (models.render(g, config, dataset.masks, dataset.labels, seed=1) for g in (full, half))
+    a, b = (generate.render(g, config, dataset.masks, dataset.labels, seed=1) for g in (full, half))
     assert (a.int() - b.int()).abs().max() <= 2
 
 
@@ -195,13 +196,13 @@ def test_crafted_style_entries_are_refused_with_the_file_named(style_model, tmp_
     ckpt = torch.load(os.path.join(style_model, "generator_epoch_1.pth"), weights_only=True)
     bad_labels = tmp_path / "generator_epoch_1.pth"
     torch.save({**ckpt, "style_labels": torch.full_like(ckpt["style_labels"], 7)}, bad_labels)
-    with pytest.raises(models.CheckpointError, match=f"{bad_labels}: style_labels"):
-        models.load_generator(str(bad_labels))
+    with pytest.raises(checkpoints.CheckpointError, match=f"{bad_labels}: style_labels"):
+        checkpoints.load_generator(str(bad_labels))
     bad_encoder = tmp_path / "generator_epoch_2.pth"
     torch.save({**ckpt, "style_encoder": {"head.weight": torch.zeros(3, 3)}}, bad_encoder)
-    _, config, loaded = models.load_generator(str(bad_encoder))
-    with pytest.raises(models.CheckpointError, match="style encoder weights do not match"):
-        models.load_style_encoder(loaded, config, str(bad_encoder))
+    _, config, loaded = checkpoints.load_generator(str(bad_encoder))
+    with pytest.raises(checkpoints.CheckpointError, match="style encoder weights do not match"):
+        checkpoints.load_style_encoder(loaded, config, str(bad_encoder))
 
 
 def test_new_masks_write_pairs_that_paired_dataset_reads_back_with_labels(trained, tiny_data, tmp_path, capsys):

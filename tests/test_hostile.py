@@ -1,7 +1,7 @@
 """Hostile and careless input (issue 14): nothing lost, nothing written where it does not belong, no tracebacks.
 
 Each test builds its bad input on the fly in a temp folder and asserts what the protection promises,
-so it fails if that protection breaks. Scripts run in-process through dataset.run_cli (what their
+so it fails if that protection breaks. Scripts run in-process through cli.run_cli (what their
 __main__ does); two tests start real processes for the entry points themselves (Ctrl-C, a bad file).
 """
 import argparse
@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import dataset
 import downstream
 import evaluate
 import generate
 import metrics
-import models
 import preprocess
 import train
+from cli import UsageError, atomic_path, run_cli
 from conftest import ROOT, TINY_MODEL, write_dataset
 
 
@@ -33,7 +34,7 @@ def cli(capsys, module, *argv, interrupted="interrupted"):
     """Run a script as its __main__ does: (exit status, stderr)."""
     capsys.readouterr()
     try:
-        code = dataset.run_cli(lambda: module.main([str(a) for a in argv]), interrupted)
+        code = run_cli(lambda: module.main([str(a) for a in argv]), interrupted)
     except SystemExit as e:  # argparse exits by itself
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
@@ -119,8 +120,8 @@ def test_weights_files_never_run_code(run, tmp_path, capsys):
     # checkpoints: the same payload in a generator checkpoint
     ckpt = tmp_path / "generator_epoch_9.pth"
     torch.save({"config": {}, "generator": Payload(marker)}, ckpt)
-    with pytest.raises(models.CheckpointError):
-        models.load_generator(str(ckpt))
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.load_generator(str(ckpt))
     assert not os.path.exists(marker)
 
 
@@ -222,7 +223,7 @@ def test_run_folders_are_claimed_atomically(tmp_path, capsys, monkeypatch):
     code, err = cli(capsys, train, "--data_dir", tmp_path / "nodata", "--models_dir", models_dir, "--outputs_dir",
                     outputs_dir, "--run_name", "keep")
     refused(code, err, "keep", "--resume")
-    with pytest.raises(dataset.UsageError, match="--resume"):  # the atomic claim itself, if two runs race past the check
+    with pytest.raises(UsageError, match="--resume"):  # the atomic claim itself, if two runs race past the check
         train.claim_run_folders(models_dir, outputs_dir, "keep")
     assert (tmp_path / "models" / "keep" / "generator_epoch_99.pth").read_bytes() == b"old run"
     code, err = cli(capsys, train, "--run_name", "../escape", "--models_dir", models_dir)
@@ -258,13 +259,13 @@ def test_crafted_checkpoint_steers_no_output_and_allocates_nothing(run, tmp_path
         refused(code, err, str(crafted / "last.pth"))
         assert time.perf_counter() - started < 5
         torch.save({"kind": "generator", "config": bad["config"], "generator": state["generator"]}, tmp_path / "g.pth")
-        with pytest.raises(models.CheckpointError, match="g.pth"):
-            models.load_generator(str(tmp_path / "g.pth"))
+        with pytest.raises(checkpoints.CheckpointError, match="g.pth"):
+            checkpoints.load_generator(str(tmp_path / "g.pth"))
     # widths within bounds but weights of other shapes: refused by comparing shapes, still before building
     bad = {"kind": "generator", "config": {**state["config"], "ngf": 64}, "generator": state["generator"]}
     torch.save(bad, tmp_path / "g.pth")
-    with pytest.raises(models.CheckpointError, match="do not match"):
-        models.load_generator(str(tmp_path / "g.pth"))
+    with pytest.raises(checkpoints.CheckpointError, match="do not match"):
+        checkpoints.load_generator(str(tmp_path / "g.pth"))
 
 
 # -------------------------------------------------------------------------------- 6. flags read wrongly
@@ -306,7 +307,7 @@ def test_labels_flag_and_zero_one_masks(run, tmp_path, capsys):
 RANGES = [
     (train, "--batch_size", 0), (train, "--batch_size", 10 ** 9), (train, "--n_epochs", 0), (train, "--eval_freq", 0),
     (train, "--save_freq", -1), (train, "--lr", "nan"), (train, "--img_size", 65536), (train, "--num_workers", -1),
-    (train, "--ema", 1.5), (train, "--ngf", 10 ** 6), (train, "--seed", -1), (train, "--max_bad_steps", 0),
+    (train, "--ema", 1.5), (train, "--width", 10 ** 6), (train, "--seed", -1), (train, "--d_scales", 0),
     (generate, "--num_images", 0), (generate, "--num_images", 10 ** 12), (generate, "--batch_size", 0),
     (generate, "--new_masks", 0), (downstream, "--steps", 0), (downstream, "--seg_width", 0),
     (evaluate, "--batch_size", -1), (evaluate, "--n_variations", 100000),
@@ -411,7 +412,7 @@ def test_interrupted_writes_leave_no_partial_files(tmp_path):
     target = tmp_path / "labels.csv"
     target.write_text("the good old file\n")
     with pytest.raises(KeyboardInterrupt):
-        with dataset.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
             f.write("half of the new")
             raise KeyboardInterrupt
     assert target.read_text() == "the good old file\n" and os.listdir(tmp_path) == ["labels.csv"]
@@ -421,7 +422,7 @@ def test_interrupted_writes_leave_no_partial_files(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError):
-        models.save_atomic({"x": Boom()}, str(tmp_path / "last.pth"))
+        checkpoints.save_atomic({"x": Boom()}, str(tmp_path / "last.pth"))
     assert os.listdir(tmp_path) == ["labels.csv"]
 
 
@@ -509,8 +510,8 @@ def test_numbers_in_names_are_ascii_digits_only(run, tmp_path, capsys):
         (folder / "generator_epoch_1.pth").write_bytes(f.read())
     for name in ("generator_epoch_².pth", "generator_epoch_٣.pth", "generator_epoch_1².pth"):
         (folder / name).write_bytes(b"not a checkpoint")
-    assert models.epoch_checkpoints(str(folder)) == {1: str(folder / "generator_epoch_1.pth")}
-    assert models.checkpoint_epoch("generator_epoch_².pth", {}) == "unknown"
+    assert checkpoints.epoch_checkpoints(str(folder)) == {1: str(folder / "generator_epoch_1.pth")}
+    assert checkpoints.checkpoint_epoch("generator_epoch_².pth", {}) == "unknown"
     # gen_<n>.png numbering of a class folder that holds such a file
     labels = tmp_path / "labels.csv"
     stems = [n[:-4] for n in sorted(os.listdir(os.path.join(data, "train", "masks")))]

@@ -11,7 +11,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-import inception_weights  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -135,7 +134,7 @@ def test_load_inception_missing_file():
 
 
 def test_load_inception_nothing_available(monkeypatch, tmp_path):
-    monkeypatch.setattr(inception_weights, "fid_helper_file", lambda: None)
+    monkeypatch.setattr(metrics, "fid_helper_file", lambda: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     model, reason = metrics.load_inception(cache_dir=tmp_path)
     assert model is None and reason.startswith("unavailable")

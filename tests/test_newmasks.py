@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import dataset
 from dataset import MASK_MARGIN, MIN_AREA, mask_problem, mask_shape_stats, new_masks
 
@@ -87,7 +88,7 @@ def test_empty_and_all_lesion_sources_are_named_in_one_line_each(capsys):
     assert err == ["warning: b.png: empty; no outline to make new masks from, left out",
                    "warning: c.png: all lesion; no outline to make new masks from, left out"]
     assert report["n_source_masks"] == 1 and len(made) == 4
-    with pytest.raises(dataset.UsageError, match="no mask with a lesion outline"):
+    with pytest.raises(cli.UsageError, match="no mask with a lesion outline"):
         new_masks(masks[1:], 4, names=["b.png", "c.png"])
-    with pytest.raises(dataset.UsageError, match="unknown mask method 'pca'"):
+    with pytest.raises(cli.UsageError, match="unknown mask method 'pca'"):
         new_masks(masks, 4, method="pca")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import dataset  # noqa: E402
 import demo_data  # noqa: E402
 import preprocess  # noqa: E402
@@ -46,7 +47,7 @@ def write_set(src, n=10, masks_dir=None, suffix=".png", ext=".jpg"):
 
 def run(args):
     """Exit status of the command, run as its __main__ does (refusals: one error line, status 1)."""
-    return dataset.run_cli(lambda: preprocess.main([str(a) for a in args]))
+    return cli.run_cli(lambda: preprocess.main([str(a) for a in args]))
 
 
 def written(data, split):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import demo_data
 import generate
-import models
 from conftest import ROOT
 from dataset import PairedDataset, read_image
 
@@ -18,8 +18,8 @@ PRETRAINED = os.path.join(ROOT, "pretrained", "isic2017_128")
 
 @pytest.fixture(scope="module")
 def shipped():
-    path = models.latest_generator_path(PRETRAINED)
-    generator, config, ckpt = models.load_generator(path)  # torch.load(weights_only=True) inside
+    path = checkpoints.latest_generator_path(PRETRAINED)
+    generator, config, ckpt = checkpoints.load_generator(path)  # torch.load(weights_only=True) inside
     return path, generator.eval(), config, ckpt
 
 
@@ -45,7 +45,7 @@ def test_shipped_checkpoint_is_compact_and_renders_demo_masks(shipped, demo, tmp
 
 def test_style_image_moves_colours_toward_the_reference(shipped, demo, tmp_path):
     path, generator, config, ckpt = shipped
-    encoder = models.load_style_encoder(ckpt, config, path)
+    encoder = checkpoints.load_style_encoder(ckpt, config, path)
     photo = cv2.imread(str(sorted(demo[0].iterdir())[0]))
     references = {"dark": (photo * 0.45).astype(np.uint8), "as_is": photo,
                   "pale": np.clip(photo * 0.6 + 100, 0, 255).astype(np.uint8)}
@@ -57,7 +57,7 @@ def test_style_image_moves_colours_toward_the_reference(shipped, demo, tmp_path)
         cv2.imwrite(file, image)
         ref_colour[name] = torch.from_numpy(read_image(file, 128)).float().mean((1, 2))
         styles = generate.style_codes(encoder, config, file).expand(len(masks), -1)
-        render_colour[name] = models.render(generator, config, masks, nevus, styles=styles).float().mean((0, 2, 3))
+        render_colour[name] = generate.render(generator, config, masks, nevus, styles=styles).float().mean((0, 2, 3))
     brightness = [render_colour[n].mean() for n in ("dark", "as_is", "pale")]
     assert brightness[0] + 15 < brightness[1] < brightness[2] - 10
     for name in references:  # each reference's render is the nearest in colour to that reference

@@ -9,10 +9,13 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import losses
 import models
 import train
+from cli import UsageError
 from conftest import ROOT, TINY_MODEL, write_dataset
-from dataset import PairedDataset, UsageError, to_model_range
+from dataset import PairedDataset, to_model_range
 
 
 def run_train(data, dirs, *extra):
@@ -48,7 +51,7 @@ def test_training_writes_checkpoints_samples_and_metrics(tiny_data, run_dirs, tm
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,step")
     assert rows[2].split(",")[6] != ""  # test L1 at the eval epoch
-    generator, config, ckpt = models.load_generator(os.path.join(model_dir, "generator_epoch_3.pth"))
+    generator, config, ckpt = checkpoints.load_generator(os.path.join(model_dir, "generator_epoch_3.pth"))
     assert config["img_size"] == 32 and ckpt["epoch"] == 3
 
 
@@ -79,9 +82,10 @@ def test_fewer_images_than_batch_size_warns_and_trains(tiny_data, run_dirs, caps
 
 def test_non_finite_losses_skip_the_step_then_stop_the_run(tiny_data, run_dirs, monkeypatch, capsys):
     real_l1 = torch.nn.functional.l1_loss
-    monkeypatch.setattr(train.F, "l1_loss", lambda a, b: real_l1(a, b) * float("nan"))
+    monkeypatch.setattr(losses.F, "l1_loss", lambda a, b: real_l1(a, b) * float("nan"))
+    monkeypatch.setattr(train, "MAX_BAD_STEPS", 3)
     with pytest.raises(UsageError, match="consecutive steps with non-finite"):
-        run_train(tiny_data, run_dirs, "--n_epochs", "5", "--max_bad_steps", "3", "--run_name", "nan")
+        run_train(tiny_data, run_dirs, "--n_epochs", "5", "--run_name", "nan")
     assert "non-finite G loss" in capsys.readouterr().err
 
 
@@ -92,7 +96,7 @@ def test_bad_img_size_is_a_clear_error(tiny_data, run_dirs):
 
 def test_resume_refuses_a_generator_checkpoint(tiny_data, run_dirs):
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--run_name", "g")
-    with pytest.raises(models.CheckpointError, match="not a training-state checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="not a training-state checkpoint"):
         train.main(["--resume", os.path.join(model_dir, "generator_epoch_1.pth")])
 
 
@@ -114,20 +118,8 @@ def test_kill_9_then_resume_completes(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after epoch" in done.stdout
-    assert models.load_generator(str(model_dir / "generator_epoch_25.pth"))[2]["epoch"] == 25
+    assert checkpoints.load_generator(str(model_dir / "generator_epoch_25.pth"))[2]["epoch"] == 25
     assert not [n for n in os.listdir(model_dir) if ".tmp" in n]
-
-
-def test_diff_augment_transforms_mask_real_and_fake_alike():
-    torch.manual_seed(0)
-    masks = (torch.rand(6, 1, 32, 32) > 0.5).float() * 2 - 1
-    images = masks.expand(-1, 3, -1, -1).clone()
-    m, real, fake = train.diff_augment(masks, images, images.clone(), policy="translation,cutout")
-    assert torch.equal(real, fake) and torch.equal(real, m.expand(-1, 3, -1, -1))
-    assert not torch.equal(m, masks)  # something moved or was cut out
-    _, real_c, fake_c = train.diff_augment(masks, images, images.clone(), policy="color")
-    assert torch.equal(real_c, fake_c) and not torch.equal(real_c, images)
-    assert train.diff_augment(masks, images, policy="")[1] is images
 
 
 def test_quality_options_train(tiny_data, run_dirs):
@@ -138,8 +130,8 @@ def test_quality_options_train(tiny_data, run_dirs):
     assert state["ema"] is not None and state["sched_G"]["last_epoch"] == 2
     # the sampling weights are the EMA copy, not the raw generator
     assert not all(torch.equal(state["generator"][k], state["generator_train"][k]) for k in state["generator"])
-    generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
-    assert config["noise_dim"] == 4 and config["style_encoder"] and config["upsample"] == "resize"
+    generator, config, _ = checkpoints.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
+    assert config["style_dim"] == 4 and config["upsample"] == "resize"
     masks = torch.zeros(2, 1, 32, 32)
     torch.manual_seed(1)
     a = generator.eval()(masks)
@@ -156,7 +148,7 @@ def test_quality_options_train(tiny_data, run_dirs):
 
 def test_l1_scale_compares_downsampled_images(monkeypatch):
     """--l1_scale k: the reconstruction term sees only k x k block means, so texture finer than k px is free."""
-    args = train.parse_args(["--img_size", "32", "--ngf", "4", "--ndf", "4", "--no-projected_d", "--style_dim", "0",
+    args = train.parse_args(["--img_size", "32", "--width", "4", "--no-projected_d", "--style_dim", "0",
                              "--l1_scale", "4"])[0]
     t = train.build_trainer(train.model_config(args), args, torch.device("cpu"))
     masks = torch.zeros(2, 1, 32, 32)
@@ -181,20 +173,31 @@ def test_removed_options_are_refused_by_name_and_old_checkpoints_still_load(tiny
         with pytest.raises(SystemExit):
             train.parse_args(flags)
         assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
+    # Flags retired since: refused by name, in one line that says what replaces each.
+    for flag, replacement in (("--amp_dtype", "--amp bf16"), ("--ngf", "--width"), ("--ndf", "--width"), ("--norm", "batch norm"),
+                              ("--lambda_kl", "fixed at 0.01"), ("--local_bn", "SyncBatchNorm"), ("--deterministic", "fast kernels"),
+                              ("--log_freq", "every 20 steps"), ("--max_bad_steps", "50 consecutive")):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, "1"])
+        err = capsys.readouterr().err.strip()
+        assert f"{flag} was removed: " in err and replacement in err and len(err.splitlines()) == 1
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--run_name", "old")
     # A checkpoint saved before the removal carries the removed architecture switches, off: it loads.
     ckpt = torch.load(os.path.join(model_dir, "generator_epoch_1.pth"), weights_only=True)
     old = tmp_path / "old.pth"
     torch.save({**ckpt, "config": {**ckpt["config"], "noise_injection": False, "d_spectral_norm": False}}, old)
-    assert models.load_generator(str(old))[1]["ngf"] == 4
+    assert checkpoints.load_generator(str(old))[1]["ngf"] == 4
     # With one of them on it cannot be rebuilt: refused, naming the file and the option.
     torch.save({**ckpt, "config": {**ckpt["config"], "noise_injection": True}}, old)
-    with pytest.raises(models.CheckpointError, match=r"old\.pth.*noise_injection"):
-        models.load_generator(str(old))
+    with pytest.raises(checkpoints.CheckpointError, match=r"old\.pth.*noise_injection"):
+        checkpoints.load_generator(str(old))
     # A run saved with a removed loss cannot be continued as it was trained.
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     torch.save({**state, "args": {**state["args"], "gan_loss": "hinge"}}, os.path.join(model_dir, "last.pth"))
     with pytest.raises(ValueError, match="gan_loss hinge"):
+        train.main(["--resume", model_dir, "--n_epochs", "2"])
+    torch.save({**state, "args": {**state["args"], "lambda_kl": 0.1}}, os.path.join(model_dir, "last.pth"))
+    with pytest.raises(ValueError, match="lambda_kl 0.1"):
         train.main(["--resume", model_dir, "--n_epochs", "2"])
 
 
@@ -218,7 +221,7 @@ def test_a_run_saved_before_the_texture_defaults_resumes_as_it_was_trained(tiny_
 
 def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     args = train.parse_args(["--lr", "1e-3"])[0]
-    config = models.make_config(img_size=32, ngf=4, ndf=4, noise_dim=4, style_encoder=True, d_scales=2)
+    config = models.make_config(img_size=32, ngf=4, ndf=4, style_dim=4, d_scales=2)
     t = train.build_trainer(config, args, torch.device("cpu"))
     before_E = [p.detach().clone() for p in t.E.parameters()]
     masks, reals = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
@@ -228,8 +231,8 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "2", "--style_dim", "4", "--d_scales", "2", "--run_name", "style")
     state = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
     assert state["style_encoder"] is not None
-    generator, config, _ = models.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
-    assert config["style_encoder"] and config["d_scales"] == 2
+    generator, config, _ = checkpoints.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
+    assert config["style_dim"] == 4 and config["d_scales"] == 2
     # Each bank row is the style code (mean) of a training image, spread over the split.
     encoder = models.build_style_encoder(config)
     encoder.load_state_dict(state["style_encoder"])
@@ -246,7 +249,7 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
         torch.manual_seed(seed)
         draws.append(generator(masks))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
-    with pytest.raises(ValueError, match="noise_dim"):
+    with pytest.raises(ValueError, match="style_encoder"):  # one name per concept: the size says whether there is a code
         models.make_config(style_encoder=True)
 
 
@@ -256,11 +259,11 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     args = train.parse_args([])[0]
     assert args.projected_d and args.diffaug == "color,translation,cutout" and args.lambda_l1 == 100 and args.style_dim == 8
     assert args.ema == 0.99
-    base = ["--data_dir", tiny_data, "--img_size", "32", "--ngf", "4", "--ndf", "4", "--num_workers", "0",
+    base = ["--data_dir", tiny_data, "--img_size", "32", "--width", "4", "--num_workers", "0",
             "--no_tensorboard", *run_dirs, "--batch_size", "4", "--run_name", "both"]
     model_dir = train.main([*base, "--n_epochs", "1"])
     first = torch.load(os.path.join(model_dir, "last.pth"), weights_only=True)
-    assert first["config"]["projected_d"] and first["config"]["style_encoder"] and first["config"]["noise_dim"] == 8
+    assert first["config"]["projected_d"] and first["config"]["style_dim"] == 8
     assert first["style_encoder"] is not None and first["generator"]["style_bank"].abs().sum() > 0
     # the saved generator is the EMA copy, not the weights the optimizer trains
     last_conv = [k for k in first["generator"] if k.startswith("out.") and k.endswith(".weight")][-1]
@@ -276,4 +279,12 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     recipe = train.parse_args(train.ORIGINAL_RECIPE)[0]
     assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
-    assert recipe.style_dim == 0 and not train.model_config(recipe)["style_encoder"] and recipe.ema == 0
+    assert recipe.style_dim == 0 and train.model_config(recipe)["style_dim"] == 0 and recipe.ema == 0
+
+
+def test_the_model_config_defaults_are_train_py_defaults():
+    """One source of truth: a run with no architecture flags is models.DEFAULT_CONFIG, nothing else."""
+    assert train.model_config(train.parse_args([])[0]) == models.make_config()
+    for name, value in models.DEFAULT_CONFIG.items():
+        if name in vars(train.parse_args([])[0]):
+            assert getattr(train.parse_args([])[0], name) == value, name

@@ -1,0 +1,69 @@
+"""Every term of the training objective: the GAN loss of both critics, DiffAugment of the critics' inputs,
+the L1 reconstruction, the ST-LPIPS perceptual distance and the style code's KL term."""
+import torch
+import torch.nn.functional as F
+
+DIFFAUG_POLICIES = {"color", "translation", "cutout"}
+
+
+def diff_augment(masks, *images, policy=""):
+    """DiffAugment (Zhao et al. 2020): random, differentiable transforms of D's inputs, so D cannot
+    memorise a small training set. Each sample gets one draw, applied alike to its mask and to every
+    image passed (real and fake alike when both are given); geometry moves mask and image together."""
+    if not policy:
+        return (masks, *images)
+    n, size, device, dtype = masks.shape[0], masks.shape[-1], masks.device, images[0].dtype
+    if "color" in policy:
+        brightness = (torch.rand(n, 1, 1, 1, device=device, dtype=dtype) - 0.5) * 0.4
+        saturation = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.6 + 0.7
+        contrast = torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 0.5 + 0.75
+
+        def color(x):
+            x = x + brightness
+            x = (x - x.mean(dim=1, keepdim=True)) * saturation + x.mean(dim=1, keepdim=True)
+            return (x - x.mean(dim=(1, 2, 3), keepdim=True)) * contrast + x.mean(dim=(1, 2, 3), keepdim=True)
+
+        images = [color(x) for x in images]
+    tensors = [masks, *images]
+    if "translation" in policy:
+        shift = size // 8
+        dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+        tensors = [torch.roll(x, shifts=(dy, dx), dims=(2, 3)) for x in tensors]
+    if "cutout" in policy:
+        half = size // 8
+        cy, cx = torch.randint(0, size, (2, n, 1, 1, 1), device=device)
+        ys = torch.arange(size, device=device).view(1, 1, size, 1)
+        xs = torch.arange(size, device=device).view(1, 1, 1, size)
+        keep = (((ys - cy).abs() >= half) | ((xs - cx).abs() >= half)).to(dtype)
+        tensors = [x * keep for x in tensors]
+    return tuple(tensors)
+
+
+def gan_loss(scores, is_real, n_patch_maps=None):
+    """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
+    n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
+    each critic weighs the same however many scales it has."""
+    if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
+        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
+    target = 1.0 if is_real else 0.0
+    # fp32 losses whatever the autocast dtype
+    return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
+
+
+def reconstruction_loss(fakes, reals, scale=1):
+    """L1 between the images area-downsampled by scale (a power of two; 1: pixel L1). At 4 it keeps what
+    mask and photograph share (layout, colour, brightness) and leaves texture finer than 4 px to the
+    critics, which an L1 to one particular photograph would otherwise average into flat colour."""
+    return F.l1_loss(F.avg_pool2d(fakes.float(), scale), F.avg_pool2d(reals.float(), scale))
+
+
+def perceptual_loss(lpips, fakes, reals):
+    """Mean ST-LPIPS distance (lpips: weights.load_stlpips(), frozen); shift-tolerant, so a texture
+    drawn a pixel or two off its photograph's costs little."""
+    return lpips(fakes, reals).float().mean()
+
+
+def kl_loss(mu, logvar):
+    """KL divergence of the style encoder's N(mu, exp(logvar)) from N(0, I), summed over the code and
+    averaged over the batch (the cVAE term of BicycleGAN)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
