@@ -113,19 +113,31 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    batch = min(args.batch_size, len(images))
-    sampler = torch.utils.data.RandomSampler(range(len(images)), num_samples=steps * batch,
-                                             generator=torch.Generator().manual_seed(seed))
-    loader = torch.utils.data.DataLoader(ImageSet(images, labels, classifier_augmentation()), batch_size=batch,
-                                         sampler=sampler, drop_last=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     dtype = autocast_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    total = torch.zeros((), device=device)  # summed on the device: no host sync per step
-    for x, y in loader:
+
+    def batch_loss(batch):
+        x, y = batch
         x, y = to_model_range(x, device, torch.channels_last), y.to(device, non_blocking=True)
         with autocast(device, dtype):
-            loss = loss_fn(model(x).float(), y)
+            return loss_fn(model(x).float(), y)
+
+    dataset = ImageSet(images, labels, classifier_augmentation())
+    return model, fit_steps(dataset, batch_loss, opt, args, seed, steps, device, dtype, bar)
+
+
+def fit_steps(dataset, batch_loss, opt, args, seed, steps, device, dtype, bar=None):
+    """Exactly `steps` optimizer steps of batch_loss over batches drawn without replacement and reshuffled
+    each pass (so every setting can be given the same number of steps whatever its size), under a cosine
+    schedule. Returns the mean training loss."""
+    batch = min(args.batch_size, len(dataset))
+    sampler = torch.utils.data.RandomSampler(range(len(dataset)), num_samples=steps * batch,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for batch_ in loader:
+        loss = batch_loss(batch_)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -134,11 +146,12 @@ def train_classifier(images, labels, n_classes, args, seed, steps, bar=None, mod
         total += loss.detach()
         if bar is not None:
             bar.update()
-    return model, float(total) / max(steps, 1)
+    return float(total) / max(steps, 1)
 
 
 @torch.inference_mode()
-def predict_proba(model, images, args):
+def predict(model, images, args, head):
+    """head(float outputs) of the model on images, in batches, as CPU tensors."""
     model.eval()
     device = torch.device(args.device)
     dtype = autocast_dtype(device, args.amp)
@@ -146,8 +159,12 @@ def predict_proba(model, images, args):
     for start in range(0, len(images), args.batch_size):
         x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
         with autocast(device, dtype):
-            out.append(model(x).float().softmax(1).cpu())
+            out.append(head(model(x).float()).cpu())
     return torch.cat(out)
+
+
+def predict_proba(model, images, args):
+    return predict(model, images, args, lambda logits: logits.softmax(1))
 
 
 def ranked_by_plausibility(model, images, class_idx, args):
@@ -495,13 +512,18 @@ def evaluate_downstream(args):
         "gain_over_real_only": {s: paired_gain(runs[s], runs["real_only"], pos)
                                 for s in settings if s != "real_only" and "real_only" in settings},
     }
+    return write_study(result, t0, args.output_dir or default_output_dir(model_path), "downstream", write_chart,
+                       print_downstream_table)
+
+
+def write_study(result, t0, out_dir, name, chart, table):
+    """<name>.json and <name>.png of a finished study in out_dir, its table printed; the result returned."""
     result["seconds"] = round(time.time() - t0, 1)
-    out_dir = args.output_dir or default_output_dir(model_path)
     os.makedirs(out_dir, exist_ok=True)
-    write_json(result, os.path.join(out_dir, "downstream.json"))
-    write_chart(result, os.path.join(out_dir, "downstream.png"))
-    print_downstream_table(result)
-    print(f"\nwrote {os.path.join(out_dir, 'downstream.json')} and downstream.png ({result['seconds']} s)")
+    write_json(result, os.path.join(out_dir, f"{name}.json"))
+    chart(result, os.path.join(out_dir, f"{name}.png"))
+    table(result)
+    print(f"\nwrote {os.path.join(out_dir, name + '.json')} and {name}.png ({result['seconds']} s)")
     return result
 
 
@@ -564,29 +586,17 @@ def train_segmenter(images, masks, args, seed, steps, bar=None):
     device = torch.device(args.device)
     model = UNet(args.seg_width).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    batch = min(args.batch_size, len(images))
-    sampler = torch.utils.data.RandomSampler(range(len(images)), num_samples=steps * batch,
-                                             generator=torch.Generator().manual_seed(seed))
-    loader = torch.utils.data.DataLoader(PairSet(images, masks), batch_size=batch, sampler=sampler, drop_last=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     dtype = autocast_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    total = torch.zeros((), device=device)
-    for x, m in loader:
+
+    def batch_loss(batch):
+        x, m = batch
         x = to_model_range(x, device, torch.channels_last)
         target = m.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             logits = model(x)
-        loss = segmentation_loss(logits.float(), target)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        total += loss.detach()
-        if bar is not None:
-            bar.update()
-    return model, float(total) / max(steps, 1)
+        return segmentation_loss(logits.float(), target)
+
+    return model, fit_steps(PairSet(images, masks), batch_loss, opt, args, seed, steps, device, dtype, bar)
 
 
 SEG_STEPS = 200  # the main table, 63 segmenters x 200 steps, in ~1 h if a bf16 step (16 x ~4 GFLOP) takes ~0.25 s on 2 cores
@@ -607,17 +617,8 @@ def segmentation_metrics(pred, target):
     return {"dice": float(dice.mean()), "jaccard": float(jaccard.mean()), "thresholded_jaccard": float(thresholded.mean())}
 
 
-@torch.inference_mode()
 def predict_masks(model, images, args):
-    model.eval()
-    device = torch.device(args.device)
-    dtype = autocast_dtype(device, args.amp)
-    out = []
-    for start in range(0, len(images), args.batch_size):
-        x = to_model_range(images[start:start + args.batch_size], device, torch.channels_last)
-        with autocast(device, dtype):
-            out.append((model(x).float() > 0).cpu())
-    return torch.cat(out)
+    return predict(model, images, args, lambda logits: logits > 0)
 
 
 SEG_METRICS = ("dice", "jaccard", "thresholded_jaccard")
@@ -761,14 +762,8 @@ def evaluate_segmentation(args):
         "mask_method": args.mask_method if model_path else None, "mask_stats": mask_stats,
         "results": results, "targets": segmentation_targets(results, ks, sources),
     }
-    result["seconds"] = round(time.time() - t0, 1)
-    out_dir = args.output_dir or default_output_dir(model_path)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(result, os.path.join(out_dir, "downstream_seg.json"))
-    write_segmentation_chart(result, os.path.join(out_dir, "downstream_seg.png"))
-    print_segmentation_table(result)
-    print(f"\nwrote {os.path.join(out_dir, 'downstream_seg.json')} and downstream_seg.png ({result['seconds']} s)")
-    return result
+    return write_study(result, t0, args.output_dir or default_output_dir(model_path), "downstream_seg",
+                       write_segmentation_chart, print_segmentation_table)
 
 
 def segmentation_targets(results, ks, sources):
