@@ -333,6 +333,8 @@ MASK_MARGIN = 0.02  # share of the side a new lesion keeps clear of the frame: o
 MIN_AREA = 0.005  # share of the image below which a new "lesion" is a speck, not a lesion
 MASK_TRIES = 100  # draws per new mask before giving up (a few percent fail the checks in practice)
 FOURIER_TERMS = 12  # harmonics kept each side: enough for lobes and notches, too few for pixel noise
+# the orders a shape vector holds: 1 is the size and rotation every outline is divided by, 0 its position
+FOURIER_ORDERS = np.r_[-FOURIER_TERMS:0, 2:FOURIER_TERMS + 1]
 CONTOUR_POINTS = 128
 
 
@@ -438,8 +440,7 @@ def _fourier_descriptor(mask):
         c = c / c[1]
         if c[2].real >= 0:
             break
-    orders = np.r_[-FOURIER_TERMS:0, 2:FOURIER_TERMS + 1]
-    coeffs = c[orders]
+    coeffs = c[FOURIER_ORDERS]
     return np.concatenate([coeffs.real, coeffs.imag]), abs(spectrum[1])
 
 
@@ -451,8 +452,7 @@ def _fourier_candidate(model, size, margin, rng):
     vector = mean + centred.T @ rng.standard_normal(len(centred)) / math.sqrt(max(len(centred) - 1, 1))
     half = len(vector) // 2
     coeffs = np.zeros(CONTOUR_POINTS, complex)
-    orders = np.r_[-FOURIER_TERMS:0, 2:FOURIER_TERMS + 1]
-    coeffs[orders] = vector[:half] + 1j * vector[half:]
+    coeffs[FOURIER_ORDERS] = vector[:half] + 1j * vector[half:]
     coeffs[1] = 1
     scale = rng.choice(sizes) * np.exp(rng.normal(0, 0.1)) * np.exp(1j * rng.uniform(0, 2 * np.pi))
     z = np.fft.ifft(coeffs * scale) * CONTOUR_POINTS

@@ -85,9 +85,9 @@ def parse_args(argv=None):
 def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
            styles=None):
     """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
-    dropout active (pix2pix's noise source), so each seed gives another plausible image. A model with
-    a style code takes styles (N x style_dim) if given, else draws one per image in either mode
-    (seeded): a stored training style of the image's class."""
+    dropout active (pix2pix's noise source) too; a model with noise maps draws new noise in either mode.
+    A model with a style code takes styles (N x style_dim) if given, else draws one per image in either
+    mode: a stored training style of the image's class. Every draw is seeded by seed."""
     device = torch.device(device)
     # channels_last: the layout oneDNN and cuDNN convolutions run fastest in
     generator = generator.to(device, memory_format=torch.channels_last).eval()
@@ -158,7 +158,7 @@ def load_model(args):
     generator, config, ckpt = checkpoints.load_generator(path)
     if args.img_size is not None and args.img_size != config["img_size"]:
         raise checkpoints.CheckpointError(f"{path}: trained at {config['img_size']}x{config['img_size']}, "
-                                     f"but --img_size {args.img_size} was given")
+                                          f"but --img_size {args.img_size} was given")
     print(f"loaded {path} (epoch {ckpt.get('epoch', '?')}, {config['img_size']}x{config['img_size']}, "
           f"{'classes ' + ', '.join(config['classes']) if config['n_classes'] else 'unconditional'})")
     styles = None
@@ -260,10 +260,10 @@ def check_pair_folder(output_dir, stems, overwrite):
 
 def write_pairs(args, generator, config, styles, dataset, labels, input_dir):
     """New masks (--new_masks) or the masks of --input_dir (--pairs), rendered and written in the data layout."""
-    mask_paths = {stem: path for stem, path, _ in find_pairs(input_dir)}
     mask_classes = [labels.get(n) for n in dataset.names] if labels else None
     report = None
     if args.new_masks:
+        mask_paths = {stem: path for stem, path, _ in find_pairs(input_dir)}  # to name a mask it cannot use
         masks, classes, report = new_masks(dataset.masks, args.new_masks, args.seed, mask_classes, args.mask_method,
                                            [mask_paths[n] for n in dataset.names])
         stems = [f"new_{k}" for k in range(args.new_masks)]
@@ -285,7 +285,7 @@ def write_pairs(args, generator, config, styles, dataset, labels, input_dir):
         chunk = slice(start, start + CLASS_CHUNK)
         # stochastic for both sources, so that new and re-rendered masks differ in their masks alone
         images = render(generator, config, masks[chunk], class_ids[chunk], args.device, args.batch_size, args.amp,
-                               stochastic=True, seed=args.seed + start, styles=cycled(styles, start, len(masks[chunk])))
+                        stochastic=True, seed=args.seed + start, styles=cycled(styles, start, len(masks[chunk])))
         for stem, mask, image in zip(stems[chunk], masks[chunk], images):
             save_png(mask, os.path.join(args.output_dir, "masks", stem + ".png"))
             save_png(image, os.path.join(args.output_dir, "originals", stem + ".png"))
@@ -335,8 +335,8 @@ def main(argv=None):
             for start in range(0, count, CLASS_CHUNK):
                 chunk = min(CLASS_CHUNK, count - start)
                 images = class_images(generator, config, dataset, labels, class_name, chunk, args.device,
-                                             args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
-                                             styles=cycled(styles, start, chunk))
+                                      args.batch_size, args.amp, seed=args.seed + 1000 * i + first + start,
+                                      styles=cycled(styles, start, chunk))
                 for k, image in enumerate(images):
                     save_png(image, os.path.join(folder, f"gen_{first + start + k}.png"))
             print(f"{class_name}: {count} images -> {folder}")
@@ -363,7 +363,7 @@ def main(argv=None):
         count = min(n_masks, total - written)
         masks = dataset.masks[:count] if round_index == 0 else jitter_masks(dataset.masks[:count], args.seed + round_index)
         fakes = render(generator, config, masks, mask_labels[:count], args.device, args.batch_size, args.amp,
-                              stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
+                       stochastic=round_index > 0, seed=args.seed + round_index, styles=cycled(styles, written, count))
         for k in range(count):
             name = dataset.names[k] if round_index == 0 else f"{dataset.names[k]}_var{round_index}"
             save_png(fakes[k], os.path.join(args.output_dir, f"gen_only_{name}.png"))

@@ -371,9 +371,9 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
              "style_labels": sample_G.style_labels if t.E is not None else None}
     if epoch_files:
         checkpoints.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict(),
-                            **style}, os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
+                                 **style}, os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
         checkpoints.save_atomic({"kind": "discriminator", "config": config, "epoch": epoch, "discriminator": t.D.state_dict()},
-                           os.path.join(model_dir, f"discriminator_epoch_{epoch}.pth"))
+                                os.path.join(model_dir, f"discriminator_epoch_{epoch}.pth"))
     checkpoints.save_atomic({
         "kind": "training_state", "config": config, "epoch": epoch, "step": t.step, "args": vars(args),
         "generator": sample_G.state_dict(), "generator_train": t.G.state_dict(), "discriminator": t.D.state_dict(),
