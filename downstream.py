@@ -767,19 +767,20 @@ def evaluate_segmentation(args):
 
 
 def segmentation_targets(results, ks, sources):
-    """The issue's targets, read off the results: at the smallest K the best new-mask setting gains
-    >= 3 Dice points; at the largest K that setting loses no more than 0.5; and at the smallest K new
-    masks beat re-rendered ones at that setting's ratio."""
+    """The targets, read off the results: at the smallest K the best new-mask setting gains >= 3 Dice
+    points; at the largest K (when more than one was run) that setting loses no more than 0.5; and at
+    the smallest K new masks beat re-rendered ones at that setting's ratio."""
     rows = {(r["k"], r["source"], r["ratio"]): r for r in results}
     lead = "new" if "new" in sources else sources[0]
     at_small = [r for r in results if r["k"] == ks[0] and r["source"] == lead]
     if not at_small:
         return {}
     best = max(at_small, key=lambda r: r["gain"]["dice"]["mean"])
-    large = rows.get((ks[-1], lead, best["ratio"]))
     targets = {"setting": f"{lead} x{best['ratio']}",
-               "small_k": {"k": ks[0], "dice_gain": best["gain"]["dice"], "met": best["gain"]["dice"]["mean"] >= 0.03},
-               "large_k": {"k": ks[-1], "dice_gain": large["gain"]["dice"], "met": large["gain"]["dice"]["mean"] >= -0.005}}
+               "small_k": {"k": ks[0], "dice_gain": best["gain"]["dice"], "met": best["gain"]["dice"]["mean"] >= 0.03}}
+    if len(ks) > 1:  # with one K the smallest is the largest: the same row would be read twice
+        large = rows[(ks[-1], lead, best["ratio"])]
+        targets["large_k"] = {"k": ks[-1], "dice_gain": large["gain"]["dice"], "met": large["gain"]["dice"]["mean"] >= -0.005}
     other = rows.get((ks[0], "rerender", best["ratio"]))
     if lead == "new" and other is not None:
         diff = best["dice"]["mean"] - other["dice"]["mean"]
@@ -803,8 +804,10 @@ def print_segmentation_table(result):
     t = result["targets"]
     if t:
         line = (f"  targets ({t['setting']}): K={t['small_k']['k']} Dice gain {cell(t['small_k']['dice_gain'], 100, '+.1f')} "
-                f"(>= +3: {'met' if t['small_k']['met'] else 'not met'}); K={t['large_k']['k']} "
-                f"{cell(t['large_k']['dice_gain'], 100, '+.1f')} (>= -0.5: {'met' if t['large_k']['met'] else 'not met'})")
+                f"(>= +3: {'met' if t['small_k']['met'] else 'not met'})")
+        if "large_k" in t:
+            v = t["large_k"]
+            line += f"; K={v['k']} {cell(v['dice_gain'], 100, '+.1f')} (>= -0.5: {'met' if v['met'] else 'not met'})"
         if "new_vs_rerender" in t:
             v = t["new_vs_rerender"]
             line += f"; new - re-rendered at K={v['k']}: {v['dice_difference'] * 100:+.1f} ({'met' if v['met'] else 'not met'})"

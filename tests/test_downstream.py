@@ -313,6 +313,7 @@ def test_segmentation_study_reads_pair_folders_and_refuses_one_without_images(tm
     j = downstream.main(segmentation_args(data, out, "--new_pairs", str(new), "--k", "5", "--ratios", "1,4", "--seeds", "1"))
     assert [(r["source"], r["n_synthetic"]) for r in j["results"]] == [("real_only", 0), ("new", 5), ("new", 20)]
     assert j["sources"] == {"new": f"directory {new}"} and j["results"][1]["gain"]["dice"]["sem"] is None  # one seed
+    assert set(j["targets"]) == {"setting", "small_k"}  # one K: no second reading of the same row as the largest K
     masks_only = write_pairs(tmp_path / "masks_only", 4, 2, with_images=False)
     with pytest.raises(ValueError, match=r"masks_only: --rerender_pairs has masks but no images"):
         downstream.main(segmentation_args(data, out, "--rerender_pairs", str(masks_only), "--k", "5"))
