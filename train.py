@@ -261,9 +261,12 @@ def train_step(t, masks, reals, class_planes=None):
         fakes = t.G_train(masks, class_planes, z)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
+    # Real and fake batch in one call: the frozen trunk runs once over both, everything with batch statistics
+    # still sees each batch alone (groups=2). Each batch keeps its own DiffAugment draw.
+    real_in, fake_in = diff_augment(cond, reals, policy=t.diffaug), diff_augment(cond, fakes.detach(), policy=t.diffaug)
     with mixed:
-        d_real = t.D_train(*diff_augment(cond, reals, policy=t.diffaug))
-        d_fake = t.D_train(*diff_augment(cond, fakes.detach(), policy=t.diffaug))
+        scores = t.D_train(torch.cat([real_in[0], fake_in[0]]), torch.cat([real_in[1], fake_in[1]]), groups=2)
+    d_real, d_fake = zip(*(s.chunk(2) for s in scores))
     n_patch = t.D.n_patch_maps
     loss_D = 0.5 * (gan_loss(d_real, True, n_patch) + gan_loss(d_fake, False, n_patch))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")

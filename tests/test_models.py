@@ -103,12 +103,11 @@ def test_projected_discriminator_on_frozen_imagenet_features():
     assert {"projected.ccm0", "projected.csm0"} <= set(D.state_dict())  # the fixed random mixing is saved
     D.train()
     assert not D.projected.features.training
-    before = D.projected.features.stem[1].running_mean.clone()
+    before = [b.clone() for b in D.projected.features.buffers()]
     D(masks, images)
-    assert torch.equal(before, D.projected.features.stem[1].running_mean)
-    # init_weights leaves the pretrained weights alone: the trunk still predicts the check photograph.
-    trunk = weights.load_feature_network()
-    assert torch.equal(D.projected.features.stem[0].weight, trunk._conv_stem.weight)
+    assert all(torch.equal(b, a) for b, a in zip(before, D.projected.features.buffers()))
+    # init_weights leaves the pretrained weights alone
+    assert torch.equal(D.projected.features.stem[0].weight, models.FeatureTaps().stem[0].weight)
     # G is trained through the frozen features: gradients reach the image, and the mask changes the scores.
     images.requires_grad_(True)
     sum(s.mean() for s in D(masks, images)[1:]).backward()
@@ -121,3 +120,74 @@ def test_projected_discriminator_on_frozen_imagenet_features():
     assert torch.equal(again.projected.ccm3, D.projected.ccm3)
     with pytest.raises(ValueError, match="projected_d"):
         models.make_config(img_size=16, projected_d=True)
+
+
+def test_trunk_with_folded_batchnorm_computes_the_pretrained_network():
+    """FeatureTaps folds the frozen BatchNorms into their convolutions and runs the strided depthwise ones in
+    fp32 under bf16 autocast (speed): the taps must stay those of the package's own network."""
+    taps = models.FeatureTaps()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in taps.modules())
+    net = weights.load_feature_network()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    reference, h = [], net._swish(net._bn0(net._conv_stem(x)))
+    for i, block in enumerate(net._blocks[:models.FEATURE_TAPS[-1] + 1]):
+        h = block(h)
+        if i in models.FEATURE_TAPS:
+            reference.append(h)
+    ours = taps(x)
+    assert [o.shape for o in ours] == [r.shape for r in reference]
+    for o, r in zip(ours, reference):
+        assert torch.allclose(o, r, rtol=1e-4, atol=1e-4 * r.abs().max())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = taps(x)
+    for o, r in zip(low, reference):  # bf16 rounding only
+        assert o.dtype == torch.bfloat16 and (o.float() - r).abs().mean() < 0.05 * r.abs().mean()
+
+
+def test_real_and_fake_scored_in_one_call_as_if_each_alone():
+    """groups=2 (the D step): the frozen trunk runs once over both batches, but every BatchNorm still sees
+    each batch alone, so the scores are those of two separate calls."""
+    torch.manual_seed(0)
+    D = models.build_discriminator(models.make_config(img_size=64)).train()
+    masks = (torch.rand(3, 1, 64, 64) > 0.5).float() * 2 - 1
+    reals, fakes = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 0.2
+    together = D(torch.cat([masks, masks]), torch.cat([reals, fakes]), groups=2)
+    real_alone, fake_alone = D(masks, reals), D(masks, fakes)
+    assert len(together) == 5
+    for both, r, f in zip(together, real_alone, fake_alone):
+        assert torch.allclose(both[:3], r, atol=1e-5) and torch.allclose(both[3:], f, atol=1e-5)
+    mixed = D(torch.cat([masks, masks]), torch.cat([reals, fakes]))  # one batch: statistics shared
+    assert not torch.allclose(mixed[0][:3], real_alone[0], atol=1e-3)
+
+
+def test_reflect_padding_runs_in_the_autocast_dtype_with_the_same_result(monkeypatch):
+    conv = models.Conv2d(4, 5, 3, padding=1, padding_mode="reflect")
+    stock = torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect")
+    stock.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(conv(x), stock(x), atol=1e-6)
+    padded = []
+    pad = models.F.pad
+    monkeypatch.setattr(models.F, "pad", lambda *a, **k: padded.append(pad(*a, **k)) or padded[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = conv(x.bfloat16())
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = stock(x.bfloat16())
+    assert [p.dtype for p in padded] == [torch.bfloat16]  # stock autocast pads in fp32: a cast and a copy
+    assert torch.equal(ours, theirs)  # padding copies values, so the bf16 result is the same
+
+
+def test_last_noise_map_applied_after_the_last_convolution_gives_the_same_output():
+    G = models.build_generator(models.make_config(img_size=32, ngf=8)).eval()
+    last = G.out[0]
+    assert isinstance(last, models.NoisyOutput)
+    torch.nn.init.normal_(last[1].strength)
+    h = torch.randn(2, 16, 16, 16)
+    torch.manual_seed(1)
+    fused = last(h)
+    torch.manual_seed(1)
+    plain = torch.nn.Sequential.forward(last, h)  # upsample, add the noise, convolve
+    assert torch.allclose(fused, plain, atol=1e-5)
+    torch.manual_seed(2)
+    assert not torch.allclose(last(h), fused, atol=1e-3)  # the noise is in it
