@@ -154,7 +154,6 @@ def bench_train(args, device, peaks):
     result["peak_fraction"] = img_per_s * gflop / result["peak_gflops"]
     if args.profile:
         result["profile"] = profile_step(trainer, step, device, args.steps)
-        result["step_ms"] = 1000 * seconds
     return result, trainer
 
 
@@ -207,12 +206,11 @@ def profile_step(trainer, step, device, steps):
             with record_function("bench/" + name):
                 return fn(*a, **k)
         return call
-    patched = [(train, "diff_augment", train.diff_augment)]
-    patched += [(opt, "step", opt.step) for opt in (trainer.opt_G, trainer.opt_D)]
+    patched = [(train, "diff_augment", "DiffAugment")] + [(opt, "step", "Adam") for opt in (trainer.opt_G, trainer.opt_D)]
     if trainer.ema is not None:
-        patched.append((trainer.ema, "update_parameters", trainer.ema.update_parameters))
-    for owner, attr, fn in patched:
-        label = {"diff_augment": "DiffAugment", "step": "Adam", "update_parameters": "EMA of the generator"}[attr]
+        patched.append((trainer.ema, "update_parameters", "EMA of the generator"))
+    patched = [(owner, attr, getattr(owner, attr), label) for owner, attr, label in patched]
+    for owner, attr, fn, label in patched:
         setattr(owner, attr, wrapped(label, fn))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
@@ -223,7 +221,7 @@ def profile_step(trainer, step, device, steps):
     finally:
         for h in hooks:
             h.remove()
-        for owner, attr, fn in patched:
+        for owner, attr, fn, _ in patched:
             setattr(owner, attr, fn)
     events = prof.events()
 
@@ -373,7 +371,7 @@ def main(argv=None):
         table = result.pop("profile", None)
         report(result, args.json)
         if table is not None:
-            report_profile(table, result.pop("step_ms"), args.json)
+            report_profile(table, 1000 * result["batch"] / result["img_per_s"], args.json)
         results.append(result)
         generated = bench_generate(run, device, trainer, peaks)
         report(generated, args.json)

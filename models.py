@@ -178,10 +178,14 @@ class NoiseMap(nn.Module):
         super().__init__()
         self.strength = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
+    @staticmethod
+    def draw(x):
+        """One N(0, 1) value per pixel of x, shared by its channels."""
+        return torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+
     def forward(self, x):
-        noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         # one fused pass; x + strength * noise first writes the broadcast product out in full
-        return torch.addcmul(x, self.strength.to(x.dtype), noise)
+        return torch.addcmul(x, self.strength.to(x.dtype), self.draw(x))
 
 
 class NoisyOutput(nn.Sequential):
@@ -195,9 +199,8 @@ class NoisyOutput(nn.Sequential):
         if type(conv) is not Conv2d:
             return super().forward(x)
         x = upsample(x)
-        noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         weight = (conv.weight * noise_map.strength).sum(1, keepdim=True)  # (out, 1, k, k)
-        return conv(x) + conv._conv_forward(noise, weight, None)
+        return conv(x) + conv._conv_forward(noise_map.draw(x), weight, None)
 
 
 class Up(nn.Module):
