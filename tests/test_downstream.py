@@ -356,3 +356,29 @@ def test_segmenter_learns_lesions_in_its_steps():
     assert counter.n == 60 and math.isfinite(loss)
     scores = downstream.segmentation_metrics(downstream.predict_masks(model, images[16:], args), masks[16:] > 127)
     assert scores["dice"] > 0.8
+
+
+def test_image_size_default_follows_the_task():
+    # the segmenter's protocol (64 px, where its step budget lets more real data help) must not leak into the classifier's
+    seg = downstream.parse_args(["--task", "segmentation", "--model_folder", "m"])
+    assert (seg.img_size, seg.seg_width, seg.steps) == (downstream.SEG_SIZE, 8, downstream.SEG_STEPS)
+    assert downstream.parse_args(["--model_folder", "m"]).img_size == 128
+    assert downstream.parse_args(["--task", "segmentation", "--model_folder", "m", "--img_size", "96"]).img_size == 96
+
+
+def test_segmenter_pairs_move_together_and_only_the_image_is_relit():
+    torch.manual_seed(0)
+    mask = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.uint8)
+    mask[0, 0, 2:12, 4:20] = 255  # asymmetric: each of the 8 symmetries gives a different mask
+    image = torch.full((1, 3, SIZE, SIZE), 100, dtype=torch.uint8)
+    image[0, 0][mask[0, 0] > 0] = 200  # the red channel carries the lesion, so the image shows where it went
+    pairs = downstream.PairSet(image, mask)
+    relit, moved = 0, set()
+    for _ in range(64):
+        x, m = pairs[0]
+        assert set(m.unique().tolist()) <= {0, 255} and int((m > 0).sum()) == int((mask > 0).sum())
+        red = x[0].float()
+        assert red[m[0] > 0].mean() > red[m[0] == 0].mean() + 30  # the lesion went where the mask went
+        moved.add(m.numpy().tobytes())
+        relit += int(x[1, 0, 0]) != 100
+    assert len(moved) == 8 and relit > 32
