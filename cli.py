@@ -224,6 +224,16 @@ def check_device(name):
     return name
 
 
+_WARNED = set()
+
+
+def warn_once(message):
+    """A warning on stderr the first time only: the studies ask autocast_dtype once per model they train."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def autocast_dtype(device, amp):
     """The low-precision dtype for --amp (None or False: off; True or "auto", "bf16", "fp16"), or None for
     fp32. bf16 needs no loss scaling (fp32's exponent range), so it is preferred wherever the hardware runs
@@ -236,10 +246,10 @@ def autocast_dtype(device, amp):
             return torch.float16
         return torch.bfloat16
     if requested == "fp16":
-        print("warning: fp16 autocast is CUDA-only here; using bf16 on the CPU", file=sys.stderr)
+        warn_once("fp16 autocast is CUDA-only here; using bf16 on the CPU")
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
-    print("warning: --amp ignored: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
+    warn_once("--amp ignored: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
     return None
 
 

@@ -382,3 +382,12 @@ def test_segmenter_pairs_move_together_and_only_the_image_is_relit():
         moved.add(m.numpy().tobytes())
         relit += int(x[1, 0, 0]) != 100
     assert len(moved) == 8 and relit > 32
+
+
+def test_amp_fallback_warns_once_per_study(monkeypatch, capsys):
+    # a study trains dozens of models and asks for the autocast dtype each time; one line says it all
+    import cli
+    monkeypatch.setattr(cli, "_WARNED", set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert [cli.autocast_dtype(torch.device("cpu"), True) for _ in range(3)] == [None] * 3
+    assert capsys.readouterr().err.count("--amp ignored") == 1
