@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 
 import numpy as np
 import torch
@@ -707,56 +708,68 @@ def evaluate_segmentation(args):
     n_runs = len(ks) * len(seeds) * per_k
     print(f"{n_runs} segmenters ({len(ks)} K x {per_k} training sets x {len(seeds)} seeds) of {args.steps} steps of "
           f"{args.batch_size} at {args.img_size}x{args.img_size}; the first one measures the time per step")
-    runs, mask_stats = {}, {}
-    bar = tqdm(total=n_runs * args.steps, desc="segmenters", unit="step", disable=None, smoothing=0.05)
-    training_started, done = time.time(), 0
-    for k in ks:
-        subset = order[:k]
-        x_real, m_real = train.images[subset], train.masks[subset]
-        n_max = max(ratios) * k
-        if model_path:
-            names = [gen_train.names[i] for i in subset.tolist()]
-            pools, mask_stats[str(k)] = rendered_pools(generator, config, gen_train.masks[subset],
-                                                       [labels.get(n) for n in names] if labels else None, k, n_max, args)
-            print(f"K={k}: {shape_ks_line(mask_stats[str(k)])}")
-        for seed in seeds:
-            for source in ["real_only"] + sources:
-                for ratio in ([0] if source == "real_only" else ratios):
-                    if source == "real_only":
-                        x, m = x_real, m_real
-                    else:
+    mask_stats, scores, sizes = {}, {}, {}
+
+    def training_sets():
+        """(k, source, ratio, seed, images, masks) of every segmenter, built as they are needed: a K's renders are
+        made when its first segmenter is due (while --jobs workers train the previous K's), and no more than the
+        running segmenters' training sets are held at once."""
+        for k in ks:
+            subset = order[:k]
+            x_real, m_real = train.images[subset], train.masks[subset]
+            if model_path:
+                names = [gen_train.names[i] for i in subset.tolist()]
+                pools, mask_stats[str(k)] = rendered_pools(generator, config, gen_train.masks[subset],
+                                                           [labels.get(n) for n in names] if labels else None, k,
+                                                           max(ratios) * k, args)
+                tqdm.write(f"K={k}: {shape_ks_line(mask_stats[str(k)])}")
+            for seed in seeds:
+                for source in ["real_only"] + sources:
+                    for ratio in ([0] if source == "real_only" else ratios):
+                        if source == "real_only":
+                            yield k, source, ratio, seed, x_real, m_real
+                            continue
                         if model_path:
                             x_syn, m_syn = (v[:ratio * k] for v in pools[source])
                         else:  # a folder is a pool: each seed draws its own M pairs from it
                             pool_x, pool_m = folders[source].images, folders[source].masks
                             pick = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed + k))[:ratio * k]
                             if len(pick) < ratio * k and seed == seeds[0]:
-                                print(f"warning: {ratio * k} {source} pairs wanted, {len(pool_x)} in {source_text[source]}; using all")
+                                tqdm.write(f"warning: {ratio * k} {source} pairs wanted, {len(pool_x)} in "
+                                           f"{source_text[source]}; using all")
                             x_syn, m_syn = pool_x[pick], pool_m[pick]
-                        x, m = torch.cat([x_real, x_syn]), torch.cat([m_real, m_syn])
-                    started = time.time()
-                    model, loss = train_segmenter(x, m, args, seed, args.steps, bar)
-                    trained = time.time()
-                    scores = segmentation_metrics(predict_masks(model, x_test, args), m_test > 127)
-                    key = (k, source, ratio)
-                    entry = runs.setdefault(key, {"n_real": len(x_real), "n_synthetic": len(x) - len(x_real), "runs": []})
-                    entry["runs"].append(scores)
-                    done += args.steps
-                    left = (n_runs * args.steps - done) / done * (time.time() - training_started)
-                    if done == args.steps:
-                        per_step, testing = (trained - started) / args.steps, time.time() - trained
-                        tqdm.write(f"{per_step:.2f} s per step and {testing:.0f} s to test: about "
-                                   f"{n_runs * (args.steps * per_step + testing) / 60:.0f} min for the {n_runs} segmenters")
-                    tqdm.write(f"K={k} seed {seed} {SOURCE_NAMES[source]}{f' x{ratio}' if ratio else ''}: Dice "
-                               f"{fmt(scores['dice'])}  Jaccard {fmt(scores['jaccard'])}  thresholded "
-                               f"{fmt(scores['thresholded_jaccard'])}  train loss {loss:.3f}  ({time.time() - started:.0f} s; "
-                               f"about {left / 60:.0f} min left)")
+                        yield k, source, ratio, seed, torch.cat([x_real, x_syn]), torch.cat([m_real, m_syn])
+
+    bar = tqdm(total=n_runs * args.steps, desc="segmenters", unit="step", disable=None, smoothing=0.05)
+    started = time.time()
+
+    def record(key, out):
+        k, source, ratio, seed = key
+        scores.setdefault((k, source, ratio), {})[seed] = dict(out["scores"], train_loss=out["loss"])
+        sizes[k, source, ratio] = out["n_train"]
+        if args.jobs > 1:
+            bar.update(args.steps)
+        done = sum(len(v) for v in scores.values())
+        if done == 1:
+            tqdm.write(f"{out['train_s'] / args.steps:.2f} s per step and {out['test_s']:.0f} s to test: about "
+                       f"{n_runs * (out['train_s'] + out['test_s']) / args.jobs / 60:.0f} min for the {n_runs} segmenters")
+        s = out["scores"]
+        tqdm.write(f"K={k} seed {seed} {SOURCE_NAMES[source]}{f' x{ratio}' if ratio else ''}: Dice {fmt(s['dice'])}  "
+                   f"Jaccard {fmt(s['jaccard'])}  thresholded {fmt(s['thresholded_jaccard'])}  train loss {out['loss']:.3f}  "
+                   f"({out['train_s'] + out['test_s']:.0f} s; about "
+                   f"{(n_runs - done) / done * (time.time() - started) / 60:.0f} min left)")
+
+    run_segmenters(training_sets(), x_test, m_test, args, record, bar)
     bar.close()
+    order_of_rows = [(k, source, ratio) for k in ks for source in ["real_only"] + sources
+                     for ratio in ([0] if source == "real_only" else ratios)]
+    runs = {key: {"n_real": key[0], "n_synthetic": sizes[key] - key[0], "runs": [scores[key][seed] for seed in seeds]}
+            for key in order_of_rows}
     results = []
     for (k, source, ratio), entry in runs.items():
         base = runs[(k, "real_only", 0)]["runs"]
         row = {"k": k, "source": source, "ratio": ratio, "n_real": entry["n_real"], "n_synthetic": entry["n_synthetic"]}
-        row.update({metric: mean_std([r[metric] for r in entry["runs"]]) for metric in SEG_METRICS})
+        row.update({metric: mean_std([r[metric] for r in entry["runs"]]) for metric in SEG_METRICS + ("train_loss",)})
         row["gain"] = None if source == "real_only" else {
             metric: mean_std([a[metric] - b[metric] for a, b in zip(entry["runs"], base)]) for metric in SEG_METRICS}
         results.append(row)
@@ -770,6 +783,42 @@ def evaluate_segmentation(args):
     }
     return write_study(result, t0, args.output_dir or default_output_dir(model_path), "downstream_seg",
                        write_segmentation_chart, print_segmentation_table)
+
+
+def segmenter_run(x, m, x_test, m_test, args, seed, bar=None):
+    """One segmenter of the study, trained on (x, m) and scored on the test pairs; a --jobs worker runs this."""
+    t0 = time.time()
+    model, loss = train_segmenter(x, m, args, seed, args.steps, bar)
+    t1 = time.time()
+    scores = segmentation_metrics(predict_masks(model, x_test, args), m_test > 127)
+    return {"scores": scores, "loss": loss, "n_train": len(x), "train_s": t1 - t0, "test_s": time.time() - t1}
+
+
+def _worker_threads(n):
+    torch.set_num_threads(n)
+
+
+def run_segmenters(training_sets, x_test, m_test, args, record, bar):
+    """record(key, segmenter_run(...)) for each (key..., images, masks) of training_sets: in this process, or in
+    --jobs worker processes that share this one's threads. Every segmenter is seeded on its own, so the scores do
+    not depend on the order in which they finish (only on the threads each one had, through rounding)."""
+    if args.jobs == 1:
+        for *key, x, m in training_sets:
+            record(tuple(key), segmenter_run(x, m, x_test, m_test, args, key[-1], bar))
+        return
+    # spawn, not fork: a forked child of a process that has run OpenMP can hang in its first parallel region
+    context = torch.multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
+        running = {}
+        for *key, x, m in training_sets:
+            if len(running) == args.jobs:  # hold only the running segmenters' training sets
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    record(running.pop(future), future.result())
+            running[pool.submit(segmenter_run, x, m, x_test, m_test, args, key[-1])] = tuple(key)
+        for future in as_completed(running):
+            record(running[future], future.result())
 
 
 def segmentation_targets(results, ks, sources):
@@ -802,11 +851,12 @@ def print_segmentation_table(result):
     def cell(ms, scale=1, spec=".3f"):
         return fmt(ms["mean"] * scale, spec) + (" +- " + fmt(ms["sem"] * scale, spec.lstrip("+")) if ms.get("sem") is not None else "")
 
-    print("  " + f"{'K':>6}  {'training set':<34}{'Dice':>16}{'Jaccard':>16}{'thr. Jaccard':>16}{'Dice gain':>16}{'thr. J gain':>16}")
-    for r in result["results"]:
-        what = f"{SOURCE_NAMES[r['source']]}" + (f" x{r['ratio']} ({r['n_synthetic']})" if r["ratio"] else "")
+    names = [SOURCE_NAMES[r["source"]] + (f" x{r['ratio']} ({r['n_synthetic']})" if r["ratio"] else "") for r in result["results"]]
+    width = max(map(len, names + ["training set"])) + 2
+    print("  " + f"{'K':>6}  {'training set':<{width}}{'Dice':>16}{'Jaccard':>16}{'thr. Jaccard':>16}{'Dice gain':>16}{'thr. J gain':>16}")
+    for r, what in zip(result["results"], names):
         gains = [cell(r["gain"][m], 100, "+.1f") for m in ("dice", "thresholded_jaccard")] if r["gain"] else ["", ""]
-        print("  " + f"{r['k']:>6}  {what:<34}" + "".join(f"{cell(r[m]):>16}" for m in SEG_METRICS) + "".join(f"{g:>16}" for g in gains))
+        print("  " + f"{r['k']:>6}  {what:<{width}}" + "".join(f"{cell(r[m]):>16}" for m in SEG_METRICS) + "".join(f"{g:>16}" for g in gains))
     t = result["targets"]
     if t:
         line = (f"  targets ({t['setting']}): K={t['small_k']['k']} Dice gain {cell(t['small_k']['dice_gain'], 100, '+.1f')} "
@@ -857,7 +907,8 @@ def write_segmentation_chart(result, path):
 
 LIMITS = {**SHARED_LIMITS, "seeds": Range(1, 100), "epochs": Range(1, 10_000),
           "minority_to": Range(0, 1_000_000), "lr": Range(0, 10, lo_open=True), "weight_decay": Range(0, 1),
-          "reject": Range(0, 1, hi_open=True), "steps": Range(1, 1_000_000), "seg_width": Range(1, 256)}
+          "reject": Range(0, 1, hi_open=True), "steps": Range(1, 1_000_000), "seg_width": Range(1, 256),
+          "jobs": Range(1, 256)}
 
 
 def parse_args(argv=None):
@@ -900,6 +951,9 @@ def parse_args(argv=None):
     seg.add_argument("--rerender_pairs", default=None, help="generate.py --pairs output of the train masks (the control)")
     seg.add_argument("--steps", type=int, default=SEG_STEPS, help="optimizer steps of every segmenter (equal compute)")
     seg.add_argument("--seg_width", type=int, default=8, help="U-Net width of the first level (x2 per level, 4 levels)")
+    seg.add_argument("--jobs", type=int, default=1,
+                     help="segmenters trained side by side in worker processes, each with 1/jobs of the threads "
+                          "(e.g. the number of CPU cores; on a GPU they share it)")
     seg.add_argument("--mask_method", choices=MASK_METHODS, default="elastic",
                      help="how new masks are made when a generator renders them (as generate.py --mask_method)")
     p.set_defaults(img_size=None)

@@ -323,6 +323,24 @@ def test_segmentation_study_reads_pair_folders_and_refuses_one_without_images(tm
         downstream.main(segmentation_args(data, out, "--new_pairs", str(new), "--ratios", "0.5"))
 
 
+def test_segmentation_study_jobs_train_the_same_segmenters_in_worker_processes(tmp_path):
+    data = make_data(tmp_path / "data")
+    new = write_pairs(tmp_path / "new", 30, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # --jobs 2 gives each worker 1 thread: both runs then round alike
+    try:
+        one, two = (downstream.main(segmentation_args(data, tmp_path / f"out{jobs}", "--new_pairs", str(new), "--k", "4,all",
+                                                      "--ratios", "1,2", "--seeds", "2", "--jobs", str(jobs)))
+                    for jobs in (1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["k"], r["source"], r["ratio"]) for r in two["results"]] == [(r["k"], r["source"], r["ratio"]) for r in one["results"]]
+    assert [(r["n_real"], r["n_synthetic"]) for r in two["results"]] == [(4, 0), (4, 4), (4, 8), (11, 0), (11, 11), (11, 22)]
+    for a, b in zip(one["results"], two["results"]):  # every segmenter, seed by seed, whatever order they finished in
+        assert a["train_loss"]["values"] == b["train_loss"]["values"] and a["dice"]["values"] == b["dice"]["values"]
+    assert len({v for r in one["results"] for v in r["train_loss"]["values"]}) == 12  # 12 different segmenters
+
+
 def test_segmentation_metrics_known_answers():
     target = torch.zeros(4, 1, 10, 10, dtype=torch.bool)
     target[:, :, :5, :] = True  # 50 pixels of lesion in each image
