@@ -953,7 +953,7 @@ def parse_args(argv=None):
     seg.add_argument("--seg_width", type=int, default=8, help="U-Net width of the first level (x2 per level, 4 levels)")
     seg.add_argument("--jobs", type=int, default=1,
                      help="segmenters trained side by side in worker processes, each with 1/jobs of the threads "
-                          "(e.g. the number of CPU cores; on a GPU they share it)")
+                          "(on a CPU: its number of cores)")
     seg.add_argument("--mask_method", choices=MASK_METHODS, default="elastic",
                      help="how new masks are made when a generator renders them (as generate.py --mask_method)")
     p.set_defaults(img_size=None)
