@@ -18,7 +18,9 @@ against re-rendered train masks (generate.py --pairs), at equal steps, tested on
 import argparse
 import csv
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
@@ -809,16 +811,29 @@ def run_segmenters(training_sets, x_test, m_test, args, record, bar):
     # spawn, not fork: a forked child of a process that has run OpenMP can hang in its first parallel region
     context = torch.multiprocessing.get_context("spawn")
     threads = max(1, torch.get_num_threads() // args.jobs)
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
-        running = {}
+    pool = ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,))
+    running = {}
+    try:
         for *key, x, m in training_sets:
             if len(running) == args.jobs:  # hold only the running segmenters' training sets
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     record(running.pop(future), future.result())
-            running[pool.submit(segmenter_run, x, m, x_test, m_test, args, key[-1])] = tuple(key)
+            # A worker starts in submit; started with SIGINT ignored it keeps it so: Ctrl-C then reaches this process
+            # alone, which stops the workers below, instead of each one printing a traceback mid-import.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                running[pool.submit(segmenter_run, x, m, x_test, m_test, args, key[-1])] = tuple(key)
+            finally:
+                signal.signal(signal.SIGINT, previous)
         for future in as_completed(running):
             record(running[future], future.result())
+    except BaseException:  # Ctrl-C or a failed segmenter: no worker left computing
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
 
 
 def segmentation_targets(results, ks, sources):

@@ -5,6 +5,11 @@ import argparse
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from matplotlib.container import BarContainer
 from torch import nn
 
 import downstream
+from conftest import ROOT
 from test_evaluate import (SIZE, TEST, TRAIN, assert_nonblank_png, color_mask, make_checkpoint, make_data, record_renders,
                            write_png)
 
@@ -339,6 +345,43 @@ def test_segmentation_study_jobs_train_the_same_segmenters_in_worker_processes(t
     for a, b in zip(one["results"], two["results"]):  # every segmenter, seed by seed, whatever order they finished in
         assert a["train_loss"]["values"] == b["train_loss"]["values"] and a["dice"]["values"] == b["dice"]["values"]
     assert len({v for r in one["results"] for v in r["train_loss"]["values"]}) == 12  # 12 different segmenters
+
+
+def test_segmentation_study_jobs_ctrl_c_prints_one_line_and_leaves_no_worker(tmp_path):
+    data = make_data(tmp_path / "data")
+    new = write_pairs(tmp_path / "new", 30, 1)
+    args = segmentation_args(data, tmp_path / "out", "--new_pairs", str(new), "--k", "5", "--ratios", "1", "--seeds", "2",
+                             "--jobs", "2", "--steps", "1000000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # its own process group, signalled whole as a terminal's Ctrl-C is; SIGINT handled by default whoever ran the tests
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "downstream.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "segmenters" in proc.stdout.readline()  # imports done: the workers start now
+        children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+        workers, deadline = [], time.time() + 60
+        if not os.path.exists(children):
+            pytest.skip("no /proc/PID/task/PID/children on this kernel")
+        while len(workers) < 2 and time.time() < deadline:
+            workers = [pid for pid in open(children).read().split() if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+            time.sleep(0.05)
+        assert len(workers) == 2, workers
+        # a worker that heard Ctrl-C while importing would print a traceback: they all ignore it (bit SIGINT - 1 of SigIgn)
+        ignored = [int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:")).split()[1], 16)
+                   for pid in workers]
+        assert all(mask & 1 << signal.SIGINT - 1 for mask in ignored), ignored
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert err.strip().endswith("interrupted: files already written are complete; run again for the rest")
+        time.sleep(1)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+        assert not alive, alive
+    finally:  # a failed check must not leave the study running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_segmentation_metrics_known_answers():
