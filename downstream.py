@@ -706,9 +706,9 @@ def evaluate_segmentation(args):
     else:
         source_text = {s: f"directory {args.new_pairs if s == 'new' else args.rerender_pairs}" for s in sources}
     seeds = [args.seed + i for i in range(args.seeds)]
-    per_k = 1 + len(sources) * len(ratios)
-    n_runs = len(ks) * len(seeds) * per_k
-    print(f"{n_runs} segmenters ({len(ks)} K x {per_k} training sets x {len(seeds)} seeds) of {args.steps} steps of "
+    settings = [(source, ratio) for source in ["real_only"] + sources for ratio in ([0] if source == "real_only" else ratios)]
+    n_runs = len(ks) * len(seeds) * len(settings)
+    print(f"{n_runs} segmenters ({len(ks)} K x {len(settings)} training sets x {len(seeds)} seeds) of {args.steps} steps of "
           f"{args.batch_size} at {args.img_size}x{args.img_size}; the first one measures the time per step")
     mask_stats, scores, sizes = {}, {}, {}
 
@@ -726,21 +726,20 @@ def evaluate_segmentation(args):
                                                            max(ratios) * k, args)
                 tqdm.write(f"K={k}: {shape_ks_line(mask_stats[str(k)])}")
             for seed in seeds:
-                for source in ["real_only"] + sources:
-                    for ratio in ([0] if source == "real_only" else ratios):
-                        if source == "real_only":
-                            yield k, source, ratio, seed, x_real, m_real
-                            continue
-                        if model_path:
-                            x_syn, m_syn = (v[:ratio * k] for v in pools[source])
-                        else:  # a folder is a pool: each seed draws its own M pairs from it
-                            pool_x, pool_m = folders[source].images, folders[source].masks
-                            pick = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed + k))[:ratio * k]
-                            if len(pick) < ratio * k and seed == seeds[0]:
-                                tqdm.write(f"warning: {ratio * k} {source} pairs wanted, {len(pool_x)} in "
-                                           f"{source_text[source]}; using all")
-                            x_syn, m_syn = pool_x[pick], pool_m[pick]
-                        yield k, source, ratio, seed, torch.cat([x_real, x_syn]), torch.cat([m_real, m_syn])
+                for source, ratio in settings:
+                    if source == "real_only":
+                        yield k, source, ratio, seed, x_real, m_real
+                        continue
+                    if model_path:
+                        x_syn, m_syn = (v[:ratio * k] for v in pools[source])
+                    else:  # a folder is a pool: each seed draws its own M pairs from it
+                        pool_x, pool_m = folders[source].images, folders[source].masks
+                        pick = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed + k))[:ratio * k]
+                        if len(pick) < ratio * k and seed == seeds[0]:
+                            tqdm.write(f"warning: {ratio * k} {source} pairs wanted, {len(pool_x)} in "
+                                       f"{source_text[source]}; using all")
+                        x_syn, m_syn = pool_x[pick], pool_m[pick]
+                    yield k, source, ratio, seed, torch.cat([x_real, x_syn]), torch.cat([m_real, m_syn])
 
     bar = tqdm(total=n_runs * args.steps, desc="segmenters", unit="step", disable=None, smoothing=0.05)
     started = time.time()
@@ -749,8 +748,6 @@ def evaluate_segmentation(args):
         k, source, ratio, seed = key
         scores.setdefault((k, source, ratio), {})[seed] = dict(out["scores"], train_loss=out["loss"])
         sizes[k, source, ratio] = out["n_train"]
-        if args.jobs > 1:
-            bar.update(args.steps)
         done = sum(len(v) for v in scores.values())
         if done == 1:
             tqdm.write(f"{out['train_s'] / args.steps:.2f} s per step and {out['test_s']:.0f} s to test: about "
@@ -763,10 +760,8 @@ def evaluate_segmentation(args):
 
     run_segmenters(training_sets(), x_test, m_test, args, record, bar)
     bar.close()
-    order_of_rows = [(k, source, ratio) for k in ks for source in ["real_only"] + sources
-                     for ratio in ([0] if source == "real_only" else ratios)]
     runs = {key: {"n_real": key[0], "n_synthetic": sizes[key] - key[0], "runs": [scores[key][seed] for seed in seeds]}
-            for key in order_of_rows}
+            for key in ((k, source, ratio) for k in ks for source, ratio in settings)}
     results = []
     for (k, source, ratio), entry in runs.items():
         base = runs[(k, "real_only", 0)]["runs"]
@@ -813,12 +808,16 @@ def run_segmenters(training_sets, x_test, m_test, args, record, bar):
     threads = max(1, torch.get_num_threads() // args.jobs)
     pool = ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,))
     running = {}
+
+    def collect(future):
+        record(running.pop(future), future.result())
+        bar.update(args.steps)  # a worker's steps are not seen here one by one
+
     try:
         for *key, x, m in training_sets:
             if len(running) == args.jobs:  # hold only the running segmenters' training sets
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    record(running.pop(future), future.result())
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    collect(future)
             # A worker starts in submit; started with SIGINT ignored it keeps it so: Ctrl-C then reaches this process
             # alone, which stops the workers below, instead of each one printing a traceback mid-import.
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -826,8 +825,8 @@ def run_segmenters(training_sets, x_test, m_test, args, record, bar):
                 running[pool.submit(segmenter_run, x, m, x_test, m_test, args, key[-1])] = tuple(key)
             finally:
                 signal.signal(signal.SIGINT, previous)
-        for future in as_completed(running):
-            record(running[future], future.result())
+        for future in as_completed(list(running)):
+            collect(future)
     except BaseException:  # Ctrl-C or a failed segmenter: no worker left computing
         pool.shutdown(wait=False, cancel_futures=True)
         for child in multiprocessing.active_children():
