@@ -241,10 +241,14 @@ class RandomRot90(v2.Transform):
         return tv_tensors.wrap(rotated, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else rotated
 
 
-def paired_augmentation():
+def paired_augmentation(crop_size=None):
     """Flips and 90-degree rotations (the 8 symmetries of the square): lesions have no canonical
-    orientation, and none of these resamples pixels. v2 applies one draw to the image and its Mask."""
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
+    orientation, and none of these resamples pixels. v2 applies one draw to the image and its Mask.
+    With crop_size, first a random crop of that size from pairs decoded larger (pix2pix's random jitter):
+    the photographs' frame (vignette, dark dermoscope corners) then lies at a different distance from the
+    edge in every step, so the generator cannot pin one frame to the image edge of every render."""
+    crop = [v2.RandomCrop(crop_size)] if crop_size else []
+    return v2.Compose([*crop, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
 
 
 def mask_jitter(img_size):
@@ -271,7 +275,9 @@ class PairedDataset(torch.utils.data.Dataset):
     """All pairs of a split decoded once into uint8 tensors at img_size (N x 1 x S x S masks,
     N x 3 x S x S images), so no epoch ever decodes a JPEG or PNG again."""
 
-    def __init__(self, folder, img_size, augment=False, labels=None, classes=(), num_workers=4):
+    def __init__(self, folder, img_size, augment=False, labels=None, classes=(), num_workers=4, jitter=0.0):
+        """jitter (with augment): pairs are decoded (1 + jitter) x img_size large and each draw is a random
+        img_size crop of them; center_images() gives the img_size view of the whole split."""
         pairs = find_pairs(folder)
         if not pairs:
             raise ValueError(f"{folder}: no mask images found")
@@ -281,12 +287,14 @@ class PairedDataset(torch.utils.data.Dataset):
         if not self.has_images and any(image_path is not None for _, _, image_path in pairs):
             missing = next(mask_path for _, mask_path, image_path in pairs if image_path is None)
             raise ValueError(f"{missing}: mask has no matching image in {os.path.join(folder, 'originals')}")
-        check_memory(len(pairs) * (4 if self.has_images else 1) * img_size ** 2,
+        self.img_size = img_size
+        load_size = round(img_size * (1 + jitter)) if augment else img_size
+        check_memory(len(pairs) * (4 if self.has_images else 1) * load_size ** 2,
                      f"{folder}: {len(pairs)} pairs decoded at {img_size}x{img_size}", "use a smaller --img_size or fewer images")
         notes = []
         with ThreadPoolExecutor(max(1, num_workers)) as pool:  # OpenCV releases the GIL while decoding
-            masks = list(pool.map(lambda p: read_mask(p[1], img_size, notes), pairs))
-            images = list(pool.map(lambda p: read_image(p[2], img_size), pairs)) if self.has_images else None
+            masks = list(pool.map(lambda p: read_mask(p[1], load_size, notes), pairs))
+            images = list(pool.map(lambda p: read_image(p[2], load_size), pairs)) if self.has_images else None
         for note in sorted(n for n in notes if n):
             print(f"warning: {note}", file=sys.stderr)
         # Usable but suspicious: the generator learns nothing about lesion shape from these.
@@ -301,7 +309,11 @@ class PairedDataset(torch.utils.data.Dataset):
         self.classes = list(classes)
         self.labels = torch.tensor([self.classes.index(labels[n]) if labels.get(n) in self.classes else -1
                                     for n in self.names], dtype=torch.long)
-        self.transform = paired_augmentation() if augment else None
+        self.transform = paired_augmentation(img_size if load_size > img_size else None) if augment else None
+
+    def center_images(self):
+        """The images as img_size squares (the middle of each when decoded larger for jitter)."""
+        return v2.functional.center_crop(self.images, [self.img_size, self.img_size])
 
     def __len__(self):
         return len(self.names)

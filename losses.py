@@ -3,7 +3,7 @@ the L1 reconstruction, the ST-LPIPS perceptual distance and the style code's KL 
 import torch
 import torch.nn.functional as F
 
-DIFFAUG_POLICIES = {"color", "translation", "cutout"}
+DIFFAUG_POLICIES = {"color", "flip", "translation", "cutout"}
 
 
 def diff_augment(masks, *images, policy=""):
@@ -25,10 +25,28 @@ def diff_augment(masks, *images, policy=""):
 
         images = [color(x) for x in images]
     tensors = [masks, *images]
+    if "flip" in policy:
+        # The projected critic's stride-2 convolutions ("same" padding, 0 before and 1 after) see the left and
+        # top columns only through the edge tap of a kernel: a generator can hide a dark frame there. A random
+        # symmetry of the square per sample spreads that blind edge over all four sides.
+        swap_x, swap_y, transpose = (torch.rand(3, n, 1, 1, 1, device=device) < 0.5)
+
+        def flip(x):
+            x = torch.where(swap_x, x.flip(3), x)
+            x = torch.where(swap_y, x.flip(2), x)
+            return torch.where(transpose, x.transpose(2, 3), x)
+
+        tensors = [flip(x) for x in tensors]
     if "translation" in policy:
+        # Per sample, and the uncovered band filled with zeros, as DiffAugment does. A circular shift would
+        # join the right edge to the left (and bottom to top) inside the image: the critic then judges that
+        # seam, and a generator answers with a dark frame line along one edge of every render.
         shift = size // 8
-        dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
-        tensors = [torch.roll(x, shifts=(dy, dx), dims=(2, 3)) for x in tensors]
+        dy, dx = torch.randint(-shift, shift + 1, (2, n, 1, 1), device=device)
+        rows = torch.arange(size, device=device).view(1, size, 1) - dy + shift
+        cols = torch.arange(size, device=device).view(1, 1, size) - dx + shift
+        batch = torch.arange(n, device=device).view(n, 1, 1)
+        tensors = [F.pad(x, [shift] * 4)[batch, :, rows, cols].permute(0, 3, 1, 2) for x in tensors]
     if "cutout" in policy:
         half = size // 8
         cy, cx = torch.randint(0, size, (2, n, 1, 1, 1), device=device)

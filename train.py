@@ -30,10 +30,10 @@ from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, a
 from dataset import PairedDataset, read_labels, to_model_range, to_uint8
 from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, perceptual_loss, reconstruction_loss
 
-# The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no augmentation):
+# The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
-                   "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0"]
+                   "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0", "--jitter", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 LAMBDA_KL = 0.01  # weight of the style code's KL term (BicycleGAN's)
@@ -78,6 +78,9 @@ def parse_args(argv=None):
                         "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
+    p.add_argument("--jitter", type=float, default=0.125,
+                   help="decode training pairs this fraction larger and train on random img_size crops of them "
+                        "(pix2pix's random jitter, 0.125 there): the photographs' frame moves, so G cannot pin it to the edge")
     p.add_argument("--diffaug", default="color,translation,cutout",
                    help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout; '' for none")
     # architecture (saved in the checkpoint's config)
@@ -391,7 +394,7 @@ TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
-    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
@@ -478,7 +481,7 @@ REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, 
 REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
-ADDED_FLAGS = {"l1_scale": 1}
+ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0}
 
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "no_tensorboard", "compile", "data_dir",
@@ -560,8 +563,8 @@ def load_splits(args, master):
     classes = sorted(set(labels.values())) if args.conditional else []
     if args.conditional and not classes:
         raise UsageError(f"--conditional needs {os.path.join(args.data_dir, 'labels.csv')} (preprocess.py --labels)")
-    train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True,
-                              labels=labels, classes=classes, num_workers=max(args.num_workers, 1))
+    train_set = PairedDataset(os.path.join(args.data_dir, "train"), args.img_size, augment=True, labels=labels,
+                              classes=classes, num_workers=max(args.num_workers, 1), jitter=args.jitter)
     if not train_set.has_images:
         raise UsageError(f"{os.path.join(args.data_dir, 'train', 'originals')}: no real images paired with the masks")
     test_dir = os.path.join(args.data_dir, "test")
@@ -776,7 +779,7 @@ def main(argv=None):
                 dist.broadcast(buffer, src=0)
         if due(epoch, args.eval_freq, args) or due(epoch, args.save_freq, args):
             # on every rank, so that all hold the same generator (the sampling looks are buffers of it)
-            refresh_style_bank(t, train_set.images, train_set.labels)
+            refresh_style_bank(t, train_set.center_images(), train_set.labels)
         if master:
             end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers)
         if world_size > 1:

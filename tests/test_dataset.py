@@ -48,6 +48,25 @@ def test_augmentation_moves_mask_and_image_identically(tmp_path):
     assert len(seen) == 8  # all eight flips/rotations of the square occur
 
 
+def test_jitter_crops_mask_and_image_at_one_random_offset(tmp_path):
+    os.makedirs(tmp_path / "s" / "masks")
+    os.makedirs(tmp_path / "s" / "originals")
+    rng = np.random.default_rng(0)
+    mask = np.where(rng.random((18, 18)) > 0.5, 255, 0).astype(np.uint8)  # decoded at 16 x 1.125 = 18: no resampling
+    cv2.imwrite(str(tmp_path / "s" / "masks" / "p.png"), mask)
+    cv2.imwrite(str(tmp_path / "s" / "originals" / "p.png"), np.stack([mask] * 3, -1))
+    ds = PairedDataset(str(tmp_path / "s"), 16, augment=True, jitter=0.125)
+    assert ds.images.shape[-1] == 18 and ds.center_images().shape == (1, 3, 16, 16)
+    assert torch.equal(ds.center_images()[0, 0], torch.from_numpy(mask[1:17, 1:17]))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        m, image, _, _ = ds[0]
+        assert m.shape == (1, 16, 16) and torch.equal(image, m.expand(3, -1, -1))
+        seen.add(m.numpy().tobytes())
+    assert len(seen) > 40  # 9 offsets x 8 symmetries: crops at many offsets, not only the flips
+
+
 def test_labels_file_is_read(tmp_path):
     (tmp_path / "labels.csv").write_text("image_id,label,split\na,melanoma,train\nb,nevus,test\n")
     assert read_labels(str(tmp_path)) == {"a": "melanoma", "b": "nevus"}

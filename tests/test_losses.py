@@ -17,6 +17,41 @@ def test_diff_augment_transforms_mask_real_and_fake_alike():
     assert losses.diff_augment(masks, images, policy="")[1] is images
 
 
+def test_diff_augment_translation_shifts_each_sample_and_fills_with_zeros():
+    torch.manual_seed(0)
+    size, shift = 32, 4
+    images = torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size).add(1).repeat(16, 3, 1, 1)
+    masks = torch.ones(16, 1, size, size)
+    m, moved = losses.diff_augment(masks, images, policy="translation")
+    offsets = set()
+    for k in range(16):
+        kept = m[k, 0].nonzero()
+        (top, left), (bottom, right) = kept.min(0).values.tolist(), kept.max(0).values.tolist()
+        dy, dx = (top if top else bottom - (size - 1)), (left if left else right - (size - 1))
+        assert max(abs(dy), abs(dx)) <= shift and m[k, 0].sum() == (size - abs(dy)) * (size - abs(dx))
+        # what is kept is the image moved by (dy, dx); nothing wraps around from the opposite edge
+        assert torch.equal(moved[k][:, top:bottom + 1, left:right + 1],
+                           images[k][:, max(-dy, 0):size - max(dy, 0), max(-dx, 0):size - max(dx, 0)])
+        assert moved[k].sum() == moved[k][:, top:bottom + 1, left:right + 1].sum()
+        offsets.add((dy, dx))
+    assert len(offsets) > 8  # one draw per sample, not one per batch
+
+
+def test_diff_augment_flip_draws_each_sample_one_symmetry_of_the_square():
+    torch.manual_seed(0)
+    base = torch.arange(16.0).view(1, 1, 4, 4)  # no two of its 8 symmetries are equal
+    masks = base.repeat(64, 1, 1, 1)
+    images = (base * 2).repeat(64, 3, 1, 1)
+    m, real, fake = losses.diff_augment(masks, images, images.clone(), policy="flip")
+    assert torch.equal(real, fake) and torch.equal(real, 2 * m.expand(-1, 3, -1, -1))
+    symmetries = [torch.rot90(b, k, (2, 3)) for b in (base, base.flip(3)) for k in range(4)]
+    seen = {next(i for i, s in enumerate(symmetries) if torch.equal(x[None], s)) for x in m}  # each a symmetry
+    assert len(seen) == 8
+    x = images.clone().requires_grad_(True)
+    losses.diff_augment(masks, x, policy="flip")[1].sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # a permutation of pixels: the gradient reaches every one once
+
+
 def test_perceptual_loss_is_zero_for_equal_images_and_grows_with_blur():
     lpips = weights.load_stlpips()
     photo = weights.check_photo(64)

@@ -202,19 +202,20 @@ def test_removed_options_are_refused_by_name_and_old_checkpoints_still_load(tiny
 
 
 def test_a_run_saved_before_the_texture_defaults_resumes_as_it_was_trained(tiny_data, run_dirs):
-    """A last.pth from before --l1_scale / --noise_maps / --padding existed: no such args, no such config keys.
-    It resumes with pixel L1 and its own architecture, not with today's defaults."""
+    """A last.pth from before --l1_scale / --noise_maps / --padding / --jitter existed: no such args, no such config
+    keys. It resumes with pixel L1, no jitter and its own architecture, not with today's defaults."""
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--upsample", "transpose", "--padding", "zeros",
                           "--no-noise_maps", "--run_name", "before")
     path = os.path.join(model_dir, "last.pth")
     state = torch.load(path, weights_only=True)
-    args = {k: v for k, v in state["args"].items() if k not in ("l1_scale", "noise_maps", "padding")}
+    args = {k: v for k, v in state["args"].items() if k not in ("l1_scale", "noise_maps", "padding", "jitter")}
     config = {k: v for k, v in state["config"].items() if k not in ("noise_maps", "padding")}
     torch.save({**state, "args": args, "config": config}, path)
     train.main(["--resume", model_dir, "--n_epochs", "2"])
     with open(os.path.join(model_dir, "config.json")) as f:
         resumed = json.load(f)
     assert resumed["args"]["l1_scale"] == 1 and not resumed["args"]["noise_maps"] and resumed["args"]["padding"] == "zeros"
+    assert resumed["args"]["jitter"] == 0
     assert not resumed["config"]["noise_maps"] and resumed["config"]["padding"] == "zeros"
     assert train.parse_args([])[0].l1_scale == 4  # while a new run takes today's default
 
@@ -233,11 +234,12 @@ def test_style_encoder_learns_codes_and_fills_the_bank(tiny_data, run_dirs):
     assert state["style_encoder"] is not None
     generator, config, _ = checkpoints.load_generator(os.path.join(model_dir, "generator_epoch_2.pth"))
     assert config["style_dim"] == 4 and config["d_scales"] == 2
-    # Each bank row is the style code (mean) of a training image, spread over the split.
+    # Each bank row is the style code (mean) of a training image as training sees it (the middle of the jitter's
+    # larger decode), spread over the split.
     encoder = models.build_style_encoder(config)
     encoder.load_state_dict(state["style_encoder"])
-    train_set = PairedDataset(os.path.join(tiny_data, "train"), 32)
-    mu, _ = encoder.eval()(to_model_range(train_set.images[:1], torch.device("cpu")))
+    train_set = PairedDataset(os.path.join(tiny_data, "train"), 32, augment=True, jitter=train.parse_args([])[0].jitter)
+    mu, _ = encoder.eval()(to_model_range(train_set.center_images()[:1], torch.device("cpu")))
     bank = generator.style_bank
     assert bank.shape == (config["style_bank_size"], 4) and bank.abs().sum() > 0
     assert torch.allclose(bank[0], mu[0], atol=1e-5)
@@ -280,6 +282,7 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
     assert recipe.style_dim == 0 and train.model_config(recipe)["style_dim"] == 0 and recipe.ema == 0
+    assert args.jitter == 0.125 and recipe.jitter == 0
 
 
 def test_the_model_config_defaults_are_train_py_defaults():
