@@ -81,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter, 0.125 there): the photographs' frame moves, so G cannot pin it to the edge")
-    p.add_argument("--diffaug", default="color,translation,cutout",
-                   help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout; '' for none")
+    p.add_argument("--diffaug", default="color,translation,cutout,flip",
+                   help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout,flip; '' for none")
     # architecture (saved in the checkpoint's config)
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
     p.add_argument("--width", type=int, default=arch["ngf"],  # ngf and ndf, equal in DEFAULT_CONFIG

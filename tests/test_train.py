@@ -259,7 +259,7 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     """train.py's default: PatchGAN + projected critic on frozen ImageNet features, DiffAugment on D's inputs,
     a style code of 8 learned from the real images, checkpoints holding an EMA (0.99) of G."""
     args = train.parse_args([])[0]
-    assert args.projected_d and args.diffaug == "color,translation,cutout" and args.lambda_l1 == 100 and args.style_dim == 8
+    assert args.projected_d and args.diffaug == "color,translation,cutout,flip" and args.lambda_l1 == 100 and args.style_dim == 8
     assert args.ema == 0.99
     base = ["--data_dir", tiny_data, "--img_size", "32", "--width", "4", "--num_workers", "0",
             "--no_tensorboard", *run_dirs, "--batch_size", "4", "--run_name", "both"]
