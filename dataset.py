@@ -245,8 +245,7 @@ def paired_augmentation(crop_size=None):
     """Flips and 90-degree rotations (the 8 symmetries of the square): lesions have no canonical
     orientation, and none of these resamples pixels. v2 applies one draw to the image and its Mask.
     With crop_size, first a random crop of that size from pairs decoded larger (pix2pix's random jitter):
-    the photographs' frame (vignette, dark dermoscope corners) then lies at a different distance from the
-    edge in every step, so the generator cannot pin one frame to the image edge of every render."""
+    more different pairs from few photographs, and their vignette at a new distance from the edge each time."""
     crop = [v2.RandomCrop(crop_size)] if crop_size else []
     return v2.Compose([*crop, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
 
@@ -290,7 +289,7 @@ class PairedDataset(torch.utils.data.Dataset):
         self.img_size = img_size
         load_size = round(img_size * (1 + jitter)) if augment else img_size
         check_memory(len(pairs) * (4 if self.has_images else 1) * load_size ** 2,
-                     f"{folder}: {len(pairs)} pairs decoded at {img_size}x{img_size}", "use a smaller --img_size or fewer images")
+                     f"{folder}: {len(pairs)} pairs decoded at {load_size}x{load_size}", "use a smaller --img_size or fewer images")
         notes = []
         with ThreadPoolExecutor(max(1, num_workers)) as pool:  # OpenCV releases the GIL while decoding
             masks = list(pool.map(lambda p: read_mask(p[1], load_size, notes), pairs))

@@ -80,7 +80,7 @@ def parse_args(argv=None):
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
-                        "(pix2pix's random jitter, 0.125 there): the photographs' frame moves, so G cannot pin it to the edge")
+                        "(pix2pix's random jitter; 0: none)")
     p.add_argument("--diffaug", default="color,translation,cutout,flip",
                    help="differentiable augmentation of D's inputs (both critics): comma list of color,translation,cutout,flip; '' for none")
     # architecture (saved in the checkpoint's config)
