@@ -105,8 +105,9 @@ def mask_dice(images_uint8, masks_uint8):
 
 
 def texture_block(fake_uint8, real_uint8, masks_uint8):
-    """The artefact scores (metrics.grid_score, repeat_score) and mask agreement, generated beside real."""
+    """The artefact scores (metrics.grid_score, repeat_score, lesion_repeat_score) and mask agreement, generated beside real."""
     return {name: {"grid": metrics.grid_score(images), "repeat": metrics.repeat_score(images),
+                   "lesion_repeat": metrics.lesion_repeat_score(images, masks_uint8),
                    "detail_std": metrics.detail_strength(images), "mask_dice": mask_dice(images, masks_uint8)}
             for name, images in (("generated", fake_uint8), ("real", real_uint8))}
 
@@ -139,6 +140,7 @@ def print_realism_table(summary):
     gen, real = summary["texture"]["generated"], summary["texture"]["real"]
     print(f"  {'grid (lattice peaks)':<22}{fmt(gen['grid'], '.3f'):>24}{fmt(real['grid'], '.3f'):>28}")
     print(f"  {'repeat (detail corr.)':<22}{fmt(gen['repeat'], '.4f'):>24}{fmt(real['repeat'], '.4f'):>28}")
+    print(f"  {'repeat, lesion frame':<22}{fmt(gen['lesion_repeat'], '.4f'):>24}{fmt(real['lesion_repeat'], '.4f'):>28}")
     print(f"  {'detail std (grey lv.)':<22}{fmt(gen['detail_std'], '.2f'):>24}{fmt(real['detail_std'], '.2f'):>28}")
     print(f"  {'mask Dice (OpenCV)':<22}{fmt(gen['mask_dice'], '.3f'):>24}{fmt(real['mask_dice'], '.3f'):>28}")
     if div["status"] == "ok":

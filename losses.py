@@ -1,5 +1,5 @@
 """Every term of the training objective: the GAN loss of both critics, DiffAugment of the critics' inputs,
-the L1 reconstruction, the ST-LPIPS perceptual distance and the style code's KL term."""
+the L1 reconstruction, the ST-LPIPS perceptual distance, MSGAN's mode-seeking term and the style code's KL term."""
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +73,18 @@ def reconstruction_loss(fakes, reals, scale=1):
     mask and photograph share (layout, colour, brightness) and leaves texture finer than 4 px to the
     critics, which an L1 to one particular photograph would otherwise average into flat colour."""
     return F.l1_loss(F.avg_pool2d(fakes.float(), scale), F.avg_pool2d(reals.float(), scale))
+
+
+def mode_seeking_loss(fakes_1, fakes_2, scale=1, eps=0.1):
+    """MSGAN (Mao et al., CVPR 2019): the inverse of how far two renders of the same input under different
+    noise lie apart, so that minimising it makes the noise matter. On images area-downsampled by scale: at 4
+    it asks for different layouts of marks and colour, not for per-pixel speckle that the cheapest noise
+    map would give. The noise draws' own distance is a constant here (independent N(0, 1) maps), so it is
+    left out. eps is MSGAN's 1e-5 raised to 0.1: the noise strengths start at zero, the two renders equal,
+    and the gradient 1 / (distance + eps)^2 of the first steps would otherwise fill Adam's second moment
+    for thousands of steps."""
+    distance = (F.avg_pool2d(fakes_1.float(), scale) - F.avg_pool2d(fakes_2.float(), scale)).abs().mean()
+    return 1.0 / (distance + eps)
 
 
 def perceptual_loss(lpips, fakes, reals):

@@ -9,10 +9,10 @@ Conventions: image tensors are float in [-1, 1] of shape N x 3 x H x W unless a 
                           disjoint halves of the real set, the floor that small-sample FID/KID should be
                           read against.
 * ``diversity``           mean pairwise distance between several generations for the same mask.
-* ``grid_score``, ``repeat_score``, ``texture_diversity``  artefacts of a position-locked texture, on the fine
+* ``grid_score``, ``repeat_score``, ``lesion_repeat_score``, ``texture_diversity``  artefacts of a position-locked texture, on the fine
                           detail of grey images (image minus its Gaussian blur): a lattice of lines at
-                          periods of 16, 8, 4 and 2 px, and the same marks at the same pixels in renders of
-                          different masks.
+                          periods of 16, 8, 4 and 2 px, and the same marks at the same pixels (or at the
+                          same place beside the lesion) in renders of different masks.
 * ``AlexFeatures``        a second feature network for FD/KID beside Inception: the ImageNet AlexNet trunk of
                           the shift-tolerant LPIPS wheel, conv5 normalised as LPIPS does and mean-pooled (256-d).
 
@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -241,6 +242,31 @@ def repeat_score(images_uint8: torch.Tensor) -> float:
     """Mean pixel-wise correlation of the standardised detail of two different images: about 0 for
     photographs, large when one texture is stamped at the same pixels onto every render."""
     return _mean_pair_correlation(texture_detail(images_uint8))
+
+
+def lesion_repeat_score(images_uint8: torch.Tensor, masks_uint8: torch.Tensor, size: int = 64) -> float:
+    """repeat_score in each lesion's own frame: every image's standardised detail resampled onto a size x
+    size grid over its mask's bounding box widened by half its height and width on each side (zeros
+    beyond the image), then the mean pair correlation. A mark drawn at the same place relative to the
+    lesion (a hair arc over its top-left edge) lands on the same grid cells although its pixels move with
+    the lesion, which repeat_score cannot see. Photographs score above 0 too (lesion borders line up);
+    read it beside the real images' value. Images with an empty mask are left out."""
+    detail = texture_detail(images_uint8).float()
+    detail = detail / detail.flatten(1).std(1, correction=0).clamp_min(1e-12).view(-1, 1, 1)
+    side = detail.shape[-1]
+    frames = []
+    for d, m in zip(detail, masks_uint8[:, 0] > 127):
+        rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+        if not len(rows):
+            continue
+        (y0, y1), (x0, x1) = (rows.min().item(), rows.max().item() + 1), (cols.min().item(), cols.max().item() + 1)
+        h, w = y1 - y0, x1 - x0
+        # grid_sample's coordinates: -1 and 1 are the outer edges of the image's first and last pixels
+        ys = torch.linspace(y0 - h / 2, y1 + h / 2, size) / side * 2 - 1
+        xs = torch.linspace(x0 - w / 2, x1 + w / 2, size) / side * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)[None]
+        frames.append(F.grid_sample(d[None, None], grid, align_corners=False)[0, 0])
+    return _mean_pair_correlation(torch.stack(frames).double())
 
 
 def texture_diversity(variations_uint8: torch.Tensor) -> float:

@@ -203,6 +203,20 @@ class NoisyOutput(nn.Sequential):
         return conv(x) + conv._conv_forward(noise_map.draw(x), weight, None)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that can draw one mask for both halves of a batch (shared_halves, set by train.py for
+    MSGAN): the two renders of each mask must differ by their noise maps, which sampling keeps, not by
+    dropout, which sampling switches off; with independent masks the mode-seeking term is met by dropout."""
+
+    shared_halves = False
+
+    def forward(self, x):
+        if not (self.training and self.shared_halves and self.p > 0):
+            return super().forward(x)
+        keep = torch.empty_like(x[: x.shape[0] // 2]).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * torch.cat([keep, keep])
+
+
 class Up(nn.Module):
     def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False, padding="zeros"):
         super().__init__()
@@ -211,7 +225,7 @@ class Up(nn.Module):
             layers.append(NoiseMap(c_out))
         layers.append(nn.ReLU(True))
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         if residual:
             layers.append(ResidualBlock(c_out, norm, padding))
         self.block = nn.Sequential(*layers)

@@ -28,7 +28,7 @@ from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, a
                  autocast_dtype, check_device, check_memory, check_name, check_ranges, describe_os_error, run_cli,
                  save_image_grid)
 from dataset import PairedDataset, read_labels, to_model_range, to_uint8
-from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, perceptual_loss, reconstruction_loss
+from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
@@ -78,6 +78,9 @@ def parse_args(argv=None):
                         "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
+    p.add_argument("--lambda_ms", type=float, default=0.0,
+                   help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
+                        "of one mask and style, on images pooled like the L1 (costs a second generator pass per step)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -178,6 +181,7 @@ class Trainer:
     l1_scale: int
     lambda_kl: float
     lambda_lpips: float
+    lambda_ms: float
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
@@ -209,8 +213,12 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
+        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
+    if args.lambda_ms > 0:
+        for m in G.modules():
+            if isinstance(m, models.Dropout):
+                m.shared_halves = True
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
         trainer.ema = torch.optim.swa_utils.AveragedModel(
@@ -261,7 +269,13 @@ def train_step(t, masks, reals, class_planes=None):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         loss_kl = kl_loss(mu, logvar)
     with mixed:
-        fakes = t.G_train(masks, class_planes, z)
+        if t.lambda_ms > 0:
+            # MSGAN: each mask twice in one batch (one forward, so DDP sees each parameter once), with the same
+            # style code and dropout mask and new noise maps; only the first render meets the critics and the L1.
+            doubled = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+            fakes, fakes_2 = t.G_train(doubled(masks), doubled(class_planes), doubled(z)).chunk(2)
+        else:
+            fakes = t.G_train(masks, class_planes, z)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
     # Real and fake batch in one call: the frozen trunk runs once over both, everything with batch statistics
@@ -287,6 +301,8 @@ def train_step(t, masks, reals, class_planes=None):
             loss_G = loss_G + t.lambda_lpips * perceptual_loss(t.lpips, fakes, reals)
     if loss_kl is not None:
         loss_G = loss_G + t.lambda_kl * loss_kl
+    if t.lambda_ms > 0:
+        loss_G = loss_G + t.lambda_ms * mode_seeking_loss(fakes, fakes_2, t.l1_scale)
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G_params, "G")
     t.D.requires_grad_(True)
     if not t.freeze_D:
@@ -394,7 +410,7 @@ TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
-    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "jitter": Range(0, 1),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
@@ -481,7 +497,7 @@ REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, 
 REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
-ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0}
+ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0}
 
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "no_tensorboard", "compile", "data_dir",

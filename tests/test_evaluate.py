@@ -181,7 +181,7 @@ def test_realism_writes_per_image_csv_and_summary_with_fid(tmp_path, calls, monk
     # artefact scores and mask agreement for the renders and, as their reference, the real images
     for side in ("generated", "real"):
         scores = on_disk["texture"][side]
-        assert scores["grid"] > 0 and -1 <= scores["repeat"] <= 1 and 0 <= scores["mask_dice"] <= 1 and scores["detail_std"] >= 0
+        assert scores["grid"] > 0 and -1 <= scores["repeat"] <= 1 and -1 <= scores["lesion_repeat"] <= 1 and 0 <= scores["mask_dice"] <= 1 and scores["detail_std"] >= 0
     assert on_disk["texture"]["real"]["mask_dice"] > 0.5  # dark ellipses on light skin: the OpenCV segmentation finds them
     alex = on_disk["distribution_alex"]
     assert alex["status"] == "ok" and alex["generated_vs_real_halves"]["fid"] > alex["real_vs_real_reference"]["fid"]

@@ -77,3 +77,13 @@ def test_reconstruction_and_kl_terms():
     assert float(losses.reconstruction_loss(checker, torch.zeros_like(checker), scale=2)) == 0  # 2x2 means are 0
     assert float(losses.kl_loss(torch.zeros(4, 8), torch.zeros(4, 8))) == 0  # the prior itself
     assert float(losses.kl_loss(torch.ones(4, 8), torch.zeros(4, 8))) == 4  # 0.5 x 8 dimensions x 1
+
+
+def test_mode_seeking_loss_is_the_inverse_distance_of_the_pooled_renders():
+    a = torch.zeros(2, 3, 8, 8)
+    assert abs(float(losses.mode_seeking_loss(a, a + 0.5)) - 1 / 0.6) < 1e-5
+    assert abs(float(losses.mode_seeking_loss(a, a)) - 10) < 1e-5  # identical renders: the term is at its largest
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1.0).expand(2, 3, 8, 8)
+    # per-pixel speckle whose 2 x 2 means are 0 does not count as a different render at scale 2
+    assert abs(float(losses.mode_seeking_loss(a, checker, scale=1)) - 1 / 1.1) < 1e-5
+    assert abs(float(losses.mode_seeking_loss(a, checker, scale=2)) - 10) < 1e-5

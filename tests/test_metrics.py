@@ -196,6 +196,24 @@ def test_repeat_score_is_high_only_for_the_same_marks_at_the_same_pixels():
     assert metrics.repeat_score(shifted_marks) < 0.1
 
 
+def test_lesion_repeat_score_finds_a_mark_that_moves_with_the_lesion():
+    """A hair arc drawn at the same place beside every lesion: repeat_score misses it once the lesions sit at
+    different pixels; lesion_repeat_score, in each lesion's own frame, finds it."""
+    size, n = 64, 12
+    gen = torch.Generator().manual_seed(3)
+    masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    clean, marked = textured(n, size).clone(), textured(n, size).clone()
+    for k in range(n):
+        y, x = int(torch.randint(12, 36, (1,), generator=gen)), int(torch.randint(12, 36, (1,), generator=gen))
+        masks[k, 0, y:y + 16, x:x + 16] = 255
+        marked[k, :, y - 4, x - 4:x + 12] = 40  # a dark line just above the lesion's top-left
+    assert metrics.repeat_score(marked) < 0.1
+    assert metrics.lesion_repeat_score(marked, masks) > 0.1 > abs(metrics.lesion_repeat_score(clean, masks))
+    # an empty mask has no lesion frame and is left out
+    masks[0] = 0
+    assert metrics.lesion_repeat_score(marked, masks) > 0.1
+
+
 def test_texture_diversity_is_0_for_identical_renders_and_about_1_for_independent_grain():
     same = textured(4).unsqueeze(0).expand(3, -1, -1, -1, -1)[:, :1].expand(-1, 4, -1, -1, -1)
     assert metrics.texture_diversity(same) == 0

@@ -161,6 +161,42 @@ def test_l1_scale_compares_downsampled_images(monkeypatch):
     assert float(train.train_step(t, masks, checker.expand(2, 3, 32, 32).clone())[0]["loss_G_l1"]) == 1
 
 
+def test_lambda_ms_renders_each_mask_twice_with_one_style_and_pushes_renders_apart(monkeypatch):
+    """--lambda_ms: G sees the batch twice over (same masks, same style code, new noise); only the first
+    render meets the critics, and the term's gradient moves G."""
+    args = train.parse_args(["--img_size", "32", "--width", "4", "--no-projected_d", "--style_dim", "4",
+                             "--lambda_ms", "1", "--seed", "0"])[0]
+    torch.manual_seed(0)
+    t = train.build_trainer(train.model_config(args), args, torch.device("cpu"))
+    calls, seen_by_D = [], []
+    G, D = t.G_train, t.D_plain
+
+    def spy_G(masks, planes=None, z=None):
+        out = G(masks, planes, z)
+        calls.append((masks, z, out.detach()))
+        return out
+
+    def spy_D(masks, images, **kw):
+        seen_by_D.append(images.shape[0])
+        return D(masks, images, **kw)
+
+    monkeypatch.setattr(t, "G_train", spy_G)
+    monkeypatch.setattr(t, "D_plain", spy_D)
+    masks, reals = (torch.rand(4, 1, 32, 32) > 0.5).float() * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    _, fakes = train.train_step(t, masks, reals)
+    (m, z, out), = calls
+    assert m.shape[0] == 8 and torch.equal(m[:4], m[4:]) and torch.equal(z[:4], z[4:])
+    # one dropout mask for both halves: with the noise strengths still at zero the two renders are equal
+    assert torch.equal(out[:4], out[4:])
+    assert fakes.shape[0] == 4 and seen_by_D == [4]
+    # the term reaches G: with the other losses switched off, a step still changes G's weights
+    t.opt_G = train.make_optimizer(t.G_params, args)  # no momentum from the first step
+    t.lambda_l1, before = 0.0, [p.detach().clone() for p in t.G.parameters()]
+    monkeypatch.setattr(train, "gan_loss", lambda scores, *a, **k: 0 * sum(s.float().sum() for s in scores))
+    train.train_step(t, masks, reals)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.G.parameters()))
+
+
 def test_l1_scale_must_be_a_power_of_two_within_the_image(tiny_data, run_dirs):
     for bad in ("3", "16"):
         with pytest.raises(UsageError, match="--l1_scale"):
