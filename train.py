@@ -80,7 +80,7 @@ def parse_args(argv=None):
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
     p.add_argument("--lambda_ms", type=float, default=0.0,
                    help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
-                        "of one mask and style, on images pooled like the L1 (costs a second generator pass per step)")
+                        "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
