@@ -114,7 +114,9 @@ def trainer_args(args):
     train with the original recipe's losses)."""
     flags = ["--img_size", str(args.img_size)] + (["--amp", args.amp] if args.amp else []) + (["--compile"] if args.compile else [])
     flags += train.ORIGINAL_RECIPE if args.reference or args.original_recipe else []
-    return train.parse_args(flags + shlex.split(args.train_flags))[0]
+    flags = train.parse_args(flags + shlex.split(args.train_flags))[0]
+    train.check_mode_seeking(flags)  # a configuration train.py refuses is not timed either
+    return flags
 
 
 def build_trainer(args, config, device, world_size=1):

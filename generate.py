@@ -85,7 +85,8 @@ def parse_args(argv=None):
 def render(generator, config, masks_uint8, labels=None, device="cpu", batch_size=64, amp=False, stochastic=False, seed=0,
            styles=None):
     """Generator outputs (uint8 N x 3 x S x S) for uint8 masks at the model's size. stochastic keeps
-    dropout active (pix2pix's noise source) too; a model with noise maps draws new noise in either mode.
+    dropout active (pix2pix's noise source) too; a model with noise maps or input noise draws new noise in
+    either mode.
     A model with a style code takes styles (N x style_dim) if given, else draws one per image in either
     mode: a stored training style of the image's class. Every draw is seeded by seed."""
     device = torch.device(device)

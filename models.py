@@ -30,6 +30,8 @@ DEFAULT_CONFIG = dict(
     norm="batch",
     upsample="resize",    # resize (bilinear upsample + 3x3 conv, no checkerboard) | transpose (the original recipe's)
     noise_maps=True,      # per-pixel noise at every decoder level, learned strength per channel (StyleGAN)
+    input_noise=0,        # > 0: channels of N(0, 1) noise beside the mask at the input, one value per image and
+                          # channel, spread over the image (OASIS's 3-D noise): the encoder sees it at every level
     padding="reflect",    # reflect | zeros: the generator's convolutions (transposed ones always pad with zeros)
     res_min_size=4,       # residual blocks at every level whose feature map is between these sizes
     res_max_size=32,
@@ -70,7 +72,7 @@ def make_config(**overrides):
 # otherwise ask for widths or sizes that allocate hundreds of GB before its weights are even looked at.
 CONFIG_LIMITS = dict(img_size=(16, 1024), mask_channels=(1, 4), image_channels=(1, 4), n_classes=(0, 1000),
                      ngf=(1, 1024), g_max_mult=(1, 64), ndf=(1, 512), res_min_size=(0, 1024), res_max_size=(0, 1024),
-                     n_dropout_levels=(0, 16), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8))
+                     n_dropout_levels=(0, 16), input_noise=(0, 256), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8))
 MAX_WIDTH = 2048  # widest generator layer, ngf * g_max_mult (the original pix2pix: 512)
 MAX_PARAMS = 1_000_000_000  # generator + discriminator; the default model has 6M, the original pix2pix 120M
 
@@ -250,7 +252,8 @@ class Generator(nn.Module):
         widths = [c["ngf"] * min(2 ** i, c["g_max_mult"]) for i in range(levels)]
         sizes = [c["img_size"] >> (i + 1) for i in range(levels)]  # feature size after each down level
         residual = [c["res_min_size"] <= s <= c["res_max_size"] for s in sizes]
-        in_channels = c["mask_channels"] + c["n_classes"]
+        in_channels = c["mask_channels"] + c["n_classes"] + c["input_noise"]
+        self.input_noise = c["input_noise"]
 
         self.downs = nn.ModuleList()
         for i in range(levels):
@@ -281,6 +284,11 @@ class Generator(nn.Module):
 
     def forward(self, masks, class_planes=None, z=None):
         x = masks if class_planes is None else torch.cat([masks, class_planes], 1)
+        if self.input_noise:
+            # Noise maps enter after the encoder and come out as grain; this enters before it, so that the
+            # same mask can be given a different layout of marks (a hair here, a dot there) in each render.
+            noise = torch.randn(x.shape[0], self.input_noise, 1, 1, device=x.device, dtype=x.dtype)
+            x = torch.cat([x, noise.expand(-1, -1, *x.shape[2:])], 1)
         skips = []
         for down in self.downs:
             x = down(x)

@@ -33,7 +33,8 @@ from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeki
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment):
 # these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
-                   "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0", "--jitter", "0"]
+                   "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0", "--jitter", "0",
+                   "--lambda_ms", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 LAMBDA_KL = 0.01  # weight of the style code's KL term (BicycleGAN's)
@@ -78,9 +79,10 @@ def parse_args(argv=None):
                         "photograph share (layout, colour, brightness) and leaves finer texture to the critics; 1: pixel L1")
     p.add_argument("--lambda_lpips", type=float, default=0.0,
                    help="weight of the shift-tolerant LPIPS (AlexNet) perceptual loss between G(mask) and the real image")
-    p.add_argument("--lambda_ms", type=float, default=0.0,
+    p.add_argument("--lambda_ms", type=float, default=0.3,
                    help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
-                        "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch)")
+                        "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch; "
+                        "0: off, as before December 2026)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -100,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--style_dim", type=int, default=arch["style_dim"],
                    help="size of a style code learned from the real image (cVAE, BicycleGAN); sampling draws the codes of "
                         "training images of the rendered class; generate.py --style_image needs it (0: none, the recipe's)")
+    p.add_argument("--input_noise", type=int, default=arch["input_noise"],
+                   help="channels of noise beside the mask at the generator's input, one value per image and channel "
+                        "(OASIS's 3-D noise), so that the encoder can lay out marks anew in each render (0: none)")
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
@@ -128,7 +133,7 @@ def model_config(args, classes=()):
     return models.make_config(
         img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
-        n_classes=len(classes), classes=list(classes))
+        input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -410,9 +415,16 @@ TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
+    "input_noise": Range(0, 256),
     "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
+
+
+def check_mode_seeking(args):
+    if args.lambda_ms > 0 and not (args.noise_maps or args.input_noise):
+        raise UsageError("--lambda_ms needs noise in the generator (--noise_maps or --input_noise): without it the two "
+                         "renders of a mask are equal and the term only doubles G's cost; add --lambda_ms 0")
 
 
 def validate_args(args, resuming=False):
@@ -425,6 +437,7 @@ def validate_args(args, resuming=False):
         raise UsageError(f"--diffaug: unknown policy {sorted(unknown)[0]!r} (choose from {', '.join(sorted(DIFFAUG_POLICIES))})")
     if args.l1_scale & (args.l1_scale - 1) or args.l1_scale > args.img_size // 4:
         raise UsageError(f"--l1_scale must be a power of two and at most --img_size / 4 ({args.img_size // 4}), got {args.l1_scale}")
+    check_mode_seeking(args)
     check_device(args.device)
     check_memory(args.batch_size * args.img_size ** 2 * ACTIVATION_BYTES_PER_PIXEL,
                  f"--batch_size {args.batch_size} at --img_size {args.img_size}", "lower --batch_size or --img_size")
@@ -527,7 +540,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None

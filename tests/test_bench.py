@@ -1,16 +1,21 @@
 """bench.py times the configuration it is told to: train.py's flags and its own speed switches."""
+import pytest
 import torch
 
 import bench
 import losses
 import models
 import train
+from cli import UsageError
 from dataset import to_model_range
 
 
 def test_bench_builds_the_training_configuration_it_is_given():
     default = bench.parse_args(["--img_size", "32"])
     assert bench.trainer_args(default).style_dim == 8 and bench.model_config(default)["style_dim"] == 8
+    assert bench.trainer_args(default).lambda_ms == 0.3  # the default's doubled G batch is what gets timed
+    with pytest.raises(UsageError, match="--lambda_ms needs noise"):  # train.py refuses it, so bench does not time it
+        bench.trainer_args(bench.parse_args(["--img_size", "32", "--train_flags=--no-noise_maps"]))
     previous = bench.parse_args(["--img_size", "32", "--train_flags", "--style_dim 0 --lambda_l1 10 --no-projected_d",
                                  "--no-channels_last", "--no-fused_adam"])
     flags = bench.trainer_args(previous)

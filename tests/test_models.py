@@ -89,6 +89,20 @@ def test_conditional_generator_output_depends_on_class():
     assert D(masks, out_a, models.class_planes(torch.tensor([0, 0]), 3, 32))[0].shape == (2, 1, 2, 2)
 
 
+def test_input_noise_lets_one_mask_render_differently_where_noise_maps_are_off():
+    """OASIS's 3-D noise: channels beside the mask, one value per image, spread over the image; without it
+    (and without noise maps or a style code) the generator is a function of the mask."""
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:24, 8:24] = 1
+    plain = models.build_generator(models.make_config(**PLAIN, img_size=32, ngf=8)).eval()
+    noisy = models.build_generator(models.make_config(**PLAIN, img_size=32, ngf=8, input_noise=4)).eval()
+    assert noisy.downs[0].block[0].in_channels == plain.downs[0].block[0].in_channels + 4
+    with torch.no_grad():
+        assert torch.equal(plain(masks), plain(masks))
+        a, b = noisy(masks), noisy(masks)
+    assert (a - b).abs().mean() > 1e-4 and (a[0] - a[1]).abs().mean() > 1e-4  # new noise per call and per image
+
+
 def test_projected_discriminator_on_frozen_imagenet_features():
     D = models.build_discriminator(models.make_config(projected_d=True))
     masks, images = torch.zeros(2, 1, 128, 128), torch.rand(2, 3, 128, 128) * 2 - 1

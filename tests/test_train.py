@@ -197,6 +197,15 @@ def test_lambda_ms_renders_each_mask_twice_with_one_style_and_pushes_renders_apa
     assert any(not torch.equal(a, b) for a, b in zip(before, t.G.parameters()))
 
 
+def test_mode_seeking_without_noise_in_the_generator_is_refused(tiny_data, run_dirs):
+    """The default --lambda_ms with neither noise maps nor input noise: the two renders are equal, the term
+    cannot act and only doubles G's cost, so the run is refused before anything is written."""
+    with pytest.raises(UsageError, match="--lambda_ms needs noise"):
+        train.main(["--data_dir", tiny_data, *TINY_MODEL, "--no-noise_maps", *run_dirs])
+    assert not os.path.exists(run_dirs[1])
+    train.validate_args(train.parse_args([*TINY_MODEL, "--no-noise_maps", "--input_noise", "4"])[0])  # a noise source too
+
+
 def test_l1_scale_must_be_a_power_of_two_within_the_image(tiny_data, run_dirs):
     for bad in ("3", "16"):
         with pytest.raises(UsageError, match="--l1_scale"):
@@ -241,17 +250,17 @@ def test_a_run_saved_before_the_texture_defaults_resumes_as_it_was_trained(tiny_
     """A last.pth from before --l1_scale / --noise_maps / --padding / --jitter existed: no such args, no such config
     keys. It resumes with pixel L1, no jitter and its own architecture, not with today's defaults."""
     model_dir = run_train(tiny_data, run_dirs, "--n_epochs", "1", "--upsample", "transpose", "--padding", "zeros",
-                          "--no-noise_maps", "--run_name", "before")
+                          "--no-noise_maps", "--lambda_ms", "0", "--run_name", "before")
     path = os.path.join(model_dir, "last.pth")
     state = torch.load(path, weights_only=True)
-    args = {k: v for k, v in state["args"].items() if k not in ("l1_scale", "noise_maps", "padding", "jitter")}
+    args = {k: v for k, v in state["args"].items() if k not in ("l1_scale", "noise_maps", "padding", "jitter", "lambda_ms")}
     config = {k: v for k, v in state["config"].items() if k not in ("noise_maps", "padding")}
     torch.save({**state, "args": args, "config": config}, path)
     train.main(["--resume", model_dir, "--n_epochs", "2"])
     with open(os.path.join(model_dir, "config.json")) as f:
         resumed = json.load(f)
     assert resumed["args"]["l1_scale"] == 1 and not resumed["args"]["noise_maps"] and resumed["args"]["padding"] == "zeros"
-    assert resumed["args"]["jitter"] == 0
+    assert resumed["args"]["jitter"] == 0 and resumed["args"]["lambda_ms"] == 0
     assert not resumed["config"]["noise_maps"] and resumed["config"]["padding"] == "zeros"
     assert train.parse_args([])[0].l1_scale == 4  # while a new run takes today's default
 
@@ -318,7 +327,7 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     assert not recipe.projected_d and recipe.diffaug == "" and recipe.lambda_l1 == 100 and recipe.upsample == "transpose"
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
     assert recipe.style_dim == 0 and train.model_config(recipe)["style_dim"] == 0 and recipe.ema == 0
-    assert args.jitter == 0.125 and recipe.jitter == 0
+    assert args.jitter == 0.125 and recipe.jitter == 0 and args.lambda_ms == 0.3 and recipe.lambda_ms == 0
 
 
 def test_the_model_config_defaults_are_train_py_defaults():
