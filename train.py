@@ -30,8 +30,8 @@ from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, a
 from dataset import PairedDataset, read_labels, to_model_range, to_uint8
 from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
 
-# The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment):
-# these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
+# The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment,
+# no mode-seeking term): these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
                    "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0", "--jitter", "0",
                    "--lambda_ms", "0"]
