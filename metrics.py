@@ -245,14 +245,13 @@ def repeat_score(images_uint8: torch.Tensor) -> float:
 
 
 def lesion_repeat_score(images_uint8: torch.Tensor, masks_uint8: torch.Tensor, size: int = 64) -> float:
-    """repeat_score in each lesion's own frame: every image's standardised detail resampled onto a size x
-    size grid over its mask's bounding box widened by half its height and width on each side (zeros
-    beyond the image), then the mean pair correlation. A mark drawn at the same place relative to the
+    """repeat_score in each lesion's own frame: every image's detail resampled onto a size x size grid over
+    its mask's bounding box widened by half its height and width on each side (zeros beyond the image),
+    then the mean pair correlation of those frames, each standardised. A mark drawn at the same place relative to the
     lesion (a hair arc over its top-left edge) lands on the same grid cells although its pixels move with
     the lesion, which repeat_score cannot see. Photographs score above 0 too (lesion borders line up);
     read it beside the real images' value. Images with an empty mask are left out."""
-    detail = texture_detail(images_uint8).float()
-    detail = detail / detail.flatten(1).std(1, correction=0).clamp_min(1e-12).view(-1, 1, 1)
+    detail = texture_detail(images_uint8).float()  # not standardised here: _mean_pair_correlation does it per frame
     side = detail.shape[-1]
     frames = []
     for d, m in zip(detail, masks_uint8[:, 0] > 127):
