@@ -41,6 +41,7 @@ DEFAULT_CONFIG = dict(
     style_bank_size=256,  # style codes of training images kept in the generator; renders draw from them
     d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
     projected_d=True,     # a projected discriminator on frozen EfficientNet-Lite0 features beside the PatchGAN
+    projected_size=0,     # > 0: the projected critic sees the images resized to this many px (0: as rendered)
     classes=[],           # class names, index = one-hot position
 )
 
@@ -61,6 +62,8 @@ def make_config(**overrides):
         raise ValueError(f"d_scales must be >= 1 and leave the coarsest scale at least 16 px, got {config['d_scales']} at {size}")
     if config["projected_d"] and size < 32:
         raise ValueError(f"projected_d needs img_size >= 32 (the deepest feature tap is img_size / 32 px), got {size}")
+    if config["projected_size"] % 32:
+        raise ValueError(f"projected_size must be a multiple of 32 (the deepest feature tap is 1/32 of it), got {config['projected_size']}")
     if config["padding"] not in ("zeros", "reflect"):
         raise ValueError(f"padding must be 'zeros' or 'reflect', got {config['padding']!r}")
     if config["upsample"] not in ("transpose", "resize"):
@@ -72,7 +75,8 @@ def make_config(**overrides):
 # otherwise ask for widths or sizes that allocate hundreds of GB before its weights are even looked at.
 CONFIG_LIMITS = dict(img_size=(16, 1024), mask_channels=(1, 4), image_channels=(1, 4), n_classes=(0, 1000),
                      ngf=(1, 1024), g_max_mult=(1, 64), ndf=(1, 512), res_min_size=(0, 1024), res_max_size=(0, 1024),
-                     n_dropout_levels=(0, 16), input_noise=(0, 256), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8))
+                     n_dropout_levels=(0, 16), input_noise=(0, 256), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8),
+                     projected_size=(0, 1024))
 MAX_WIDTH = 2048  # widest generator layer, ngf * g_max_mult (the original pix2pix: 512)
 MAX_PARAMS = 1_000_000_000  # generator + discriminator; the default model has 6M, the original pix2pix 120M
 
@@ -480,9 +484,12 @@ class ProjectedDiscriminator(nn.Module):
             if i + 1 < len(PROJECTED_CHANNELS):
                 self.register_buffer(f"csm{i}", self._random_conv(c_out, PROJECTED_CHANNELS[i + 1], rng))
         cond_channels = c["mask_channels"] + c["n_classes"]
+        # EfficientNet learnt ImageNet's objects at 224 px; a 128 px lesion is seen at a scale its features were
+        # not made for (Projected GAN resizes inputs below 224 px up to it).
+        self.size = c["projected_size"] or c["img_size"]
         self.heads = nn.ModuleList()
         for i, width in enumerate(PROJECTED_CHANNELS):
-            size = c["img_size"] >> (i + 2)
+            size = self.size >> (i + 2)
             layers = [nn.Conv2d(width + cond_channels, c["ndf"] * 2, 3, padding=1), nn.LeakyReLU(0.2, True)]
             channels = c["ndf"] * 2
             while size > 8:  # down to an 8x8 patch map, like the PatchGAN at 128 px
@@ -498,6 +505,9 @@ class ProjectedDiscriminator(nn.Module):
         return (torch.rand(c_out, c_in, 1, 1, generator=rng) * 2 - 1) * bound
 
     def forward(self, cond, images, groups=1):
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > self.size)
         taps = self.features(images)
         mixed = [F.conv2d(x, getattr(self, f"ccm{i}").to(x.dtype)) for i, x in enumerate(taps)]
         for i in reversed(range(len(mixed) - 1)):  # coarse to fine, as in a feature pyramid

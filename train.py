@@ -108,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
+    p.add_argument("--projected_size", type=int, default=arch["projected_size"],
+                   help="resize the images the projected critic sees to this many px, a multiple of 32 (Projected GAN: "
+                        "224, the scale its ImageNet features were learnt at; 0: the rendered size)")
     p.add_argument("--d_scales", type=int, default=arch["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
@@ -133,7 +136,7 @@ def model_config(args, classes=()):
     return models.make_config(
         img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
-        input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
+        input_noise=args.input_noise, projected_size=args.projected_size, n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -415,7 +418,7 @@ TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
-    "input_noise": Range(0, 256),
+    "input_noise": Range(0, 256), "projected_size": Range(0, 1024),
     "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
@@ -540,7 +543,8 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise",
+                                                              "projected_size")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None

@@ -136,6 +136,20 @@ def test_projected_discriminator_on_frozen_imagenet_features():
         models.make_config(img_size=16, projected_d=True)
 
 
+def test_projected_critic_can_see_the_images_at_imagenet_scale():
+    """projected_size 224: the trunk sees 128 px renders at 224 px (Projected GAN), its taps at 56, 28, 14 and
+    7 px, and each head goes down to a 7x7 map; the PatchGAN still scores 8x8 patches of the 128 px image."""
+    D = models.build_discriminator(models.make_config(projected_d=True, projected_size=224))
+    masks, images = torch.zeros(2, 1, 128, 128), (torch.rand(2, 3, 128, 128) * 2 - 1).requires_grad_(True)
+    scores = D(masks, images)
+    assert [tuple(s.shape[1:]) for s in scores] == [(1, 8, 8)] + [(1, 7, 7)] * 4
+    sum(s.mean() for s in scores[1:]).backward()
+    assert images.grad.abs().sum() > 0  # G still learns through the resize
+    assert not torch.equal(scores[1], models.build_discriminator(models.make_config(projected_d=True))(masks, images)[1])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        models.make_config(projected_size=200)
+
+
 def test_trunk_with_folded_batchnorm_computes_the_pretrained_network():
     """FeatureTaps folds the frozen BatchNorms into their convolutions and runs the strided depthwise ones in
     fp32 under bf16 autocast (speed): the taps must stay those of the package's own network."""
