@@ -44,8 +44,7 @@ REMOVED_CONFIG = {"noise_injection": False, "d_spectral_norm": False}
 
 # What a checkpoint saved before a config key existed was trained with, where that differs from
 # models.DEFAULT_CONFIG (which holds a new run's architecture); keys not listed take DEFAULT_CONFIG's value.
-ABSENT_CONFIG = dict(upsample="transpose", noise_maps=False, padding="zeros", projected_d=False, style_dim=0, input_noise=0,
-                     projected_size=0)
+ABSENT_CONFIG = dict(upsample="transpose", noise_maps=False, padding="zeros", projected_d=False, style_dim=0, input_noise=0)
 
 
 def upgrade_config(config):
@@ -115,6 +114,12 @@ def load_generator(path, map_location="cpu"):
                 and not style_labels.is_floating_point() and bool(((style_labels >= -1) & (style_labels < max(1, config["n_classes"]))).all())):
             raise CheckpointError(f"{path}: style_labels must be {config['style_bank_size']} class indices")
         generator.style_labels.copy_(style_labels)
+    style_areas = ckpt.get("style_areas")  # absent from checkpoints saved before December 2026: looks drawn by class only
+    if config["style_dim"] and style_areas is not None:
+        if not (isinstance(style_areas, torch.Tensor) and style_areas.shape == generator.style_areas.shape
+                and style_areas.is_floating_point() and bool(((style_areas >= 0) & (style_areas <= 1)).all())):
+            raise CheckpointError(f"{path}: style_areas must be {config['style_bank_size']} lesion areas between 0 and 1")
+        generator.style_areas.copy_(style_areas)
     return generator, config, ckpt
 
 
@@ -129,7 +134,7 @@ def load_style_encoder(ckpt, config, path):
 
 
 def export_generator(src, dst, dtype=torch.float16):
-    """Copy a generator checkpoint (with its style encoder and style labels) to dst with floating-point
+    """Copy a generator checkpoint (with its style encoder, style labels and areas) to dst with floating-point
     tensors stored in dtype: half the size for a shipped model. Loading casts them back to fp32."""
     _, _, ckpt = load_generator(src)  # refuses anything that would not load
     compact = {k: {n: t.to(dtype) if t.is_floating_point() else t for n, t in v.items()}

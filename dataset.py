@@ -314,6 +314,10 @@ class PairedDataset(torch.utils.data.Dataset):
         """The images as img_size squares (the middle of each when decoded larger for jitter)."""
         return v2.functional.center_crop(self.images, [self.img_size, self.img_size])
 
+    def center_masks(self):
+        """The masks as center_images crops them."""
+        return v2.functional.center_crop(self.masks, [self.img_size, self.img_size])
+
     def __len__(self):
         return len(self.names)
 

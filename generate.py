@@ -12,7 +12,8 @@ Plain mode writes gen_only_<name>.png and generated_<name>.png (mask / generated
 past the number of masks it renders new variations. --class and --balance write
 <output_dir>/<class>/gen_<n>.png and <output_dir>/labels.csv for classifier pipelines.
 A model with a style code (train.py --style_dim 8) gives each image the look of a
-training image of the same class, or with --style_image the look of the given photograph(s).
+training image of the same class whose lesion is about as large as the mask's, or with --style_image
+the look of the given photograph(s).
 --new_masks and --pairs write (mask, image) pairs in the data layout, <output_dir>/masks/<name>.png,
 <output_dir>/originals/<name>.png and <output_dir>/labels.csv, which a segmenter (downstream.py
 --task segmentation) or train.py reads as a split: masks nobody drew, or the masks of --input_dir.

