@@ -114,7 +114,7 @@ def load_generator(path, map_location="cpu"):
                 and not style_labels.is_floating_point() and bool(((style_labels >= -1) & (style_labels < max(1, config["n_classes"]))).all())):
             raise CheckpointError(f"{path}: style_labels must be {config['style_bank_size']} class indices")
         generator.style_labels.copy_(style_labels)
-    style_areas = ckpt.get("style_areas")  # absent from checkpoints saved before December 2026: looks drawn by class only
+    style_areas = ckpt.get("style_areas")  # absent from checkpoints saved before 7 December 2026: looks drawn by class only
     if config["style_dim"] and style_areas is not None:
         if not (isinstance(style_areas, torch.Tensor) and style_areas.shape == generator.style_areas.shape
                 and style_areas.is_floating_point() and bool(((style_areas >= 0) & (style_areas <= 1)).all())):
