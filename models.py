@@ -32,8 +32,6 @@ DEFAULT_CONFIG = dict(
     noise_maps=True,      # per-pixel noise at every decoder level, learned strength per channel (StyleGAN)
     input_noise=0,        # > 0: channels of N(0, 1) noise beside the mask at the input, one value per image and
                           # channel, spread over the image (OASIS's 3-D noise): the encoder sees it at every level
-    coords=False,         # x, y and radius planes beside the mask at the generator's input: with reflect padding
-                          # nothing else tells a flat mask's corner from its middle (dermoscope vignettes)
     padding="reflect",    # reflect | zeros: the generator's convolutions (transposed ones always pad with zeros)
     res_min_size=4,       # residual blocks at every level whose feature map is between these sizes
     res_max_size=32,
@@ -255,9 +253,8 @@ class Generator(nn.Module):
         widths = [c["ngf"] * min(2 ** i, c["g_max_mult"]) for i in range(levels)]
         sizes = [c["img_size"] >> (i + 1) for i in range(levels)]  # feature size after each down level
         residual = [c["res_min_size"] <= s <= c["res_max_size"] for s in sizes]
-        in_channels = c["mask_channels"] + c["n_classes"] + c["input_noise"] + 3 * c["coords"]
+        in_channels = c["mask_channels"] + c["n_classes"] + c["input_noise"]
         self.input_noise = c["input_noise"]
-        self.coords = c["coords"]
 
         self.downs = nn.ModuleList()
         for i in range(levels):
@@ -296,8 +293,6 @@ class Generator(nn.Module):
             # same mask can be given a different layout of marks (a hair here, a dot there) in each render.
             noise = torch.randn(x.shape[0], self.input_noise, 1, 1, device=x.device, dtype=x.dtype)
             x = torch.cat([x, noise.expand(-1, -1, *x.shape[2:])], 1)
-        if self.coords:
-            x = torch.cat([x, coordinate_planes(x.shape[0], x.shape[-1], x.device, x.dtype)], 1)
         skips = []
         for down in self.downs:
             x = down(x)
@@ -333,13 +328,6 @@ class Generator(nn.Module):
             near = gap.topk(min(STYLE_NEIGHBOURS, gap.shape[1]), dim=1, largest=False).indices
             weights = torch.zeros_like(allowed).scatter_(1, near, 1.0) * allowed
         return self.style_bank[torch.multinomial(weights, 1).squeeze(1)]
-
-
-def coordinate_planes(n, size, device, dtype):
-    """x, y in [-1, 1] at pixel centres and the distance from the centre (1 at the middle of an edge): N x 3 x S x S."""
-    t = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
-    y, x = torch.meshgrid(t, t, indexing="ij")
-    return torch.stack([x, y, (x * x + y * y).sqrt()]).to(dtype).expand(n, -1, -1, -1)
 
 
 def lesion_area(masks):

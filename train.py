@@ -34,7 +34,7 @@ from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeki
 # no mode-seeking term): these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
 ORIGINAL_RECIPE = ["--no-projected_d", "--diffaug", "", "--lambda_l1", "100", "--l1_scale", "1", "--lambda_lpips", "0",
                    "--upsample", "transpose", "--padding", "zeros", "--no-noise_maps", "--style_dim", "0", "--ema", "0", "--jitter", "0",
-                   "--lambda_ms", "0", "--no-coords"]
+                   "--lambda_ms", "0"]
 METRICS_COLUMNS = ["epoch", "step", "lr", "loss_D", "loss_G_gan", "loss_G_l1", "test_l1", "test_psnr", "test_ssim", "seconds"]
 N_TEST_IMAGES = 8  # test_epoch_<E>_sample_<K>.png written per evaluation
 LAMBDA_KL = 0.01  # weight of the style code's KL term (BicycleGAN's)
@@ -105,9 +105,6 @@ def parse_args(argv=None):
     p.add_argument("--input_noise", type=int, default=arch["input_noise"],
                    help="channels of noise beside the mask at the generator's input, one value per image and channel "
                         "(OASIS's 3-D noise), so that the encoder can lay out marks anew in each render (0: none)")
-    p.add_argument("--coords", action=argparse.BooleanOptionalAction, default=arch["coords"],
-                   help="x, y and radius planes beside the mask at the generator's input, so that it can draw what "
-                        "sits at a place in the frame (a dermoscope's dark corners) for a flat mask")
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
@@ -136,7 +133,7 @@ def model_config(args, classes=()):
     return models.make_config(
         img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
-        input_noise=args.input_noise, coords=args.coords, n_classes=len(classes), classes=list(classes))
+        input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -548,7 +545,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise", "coords")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None

@@ -68,7 +68,6 @@ def test_old_checkpoint_configs_are_upgraded_to_what_they_were_trained_with():
     assert old["style_dim"] == 8 and "noise_dim" not in old and "style_encoder" not in old
     assert (old["upsample"], old["padding"], old["noise_maps"], old["projected_d"]) == ("transpose", "zeros", False, False)
     assert checkpoints.upgrade_config({})["style_dim"] == 0 and checkpoints.upgrade_config({})["input_noise"] == 0
-    assert checkpoints.upgrade_config({})["coords"] is False
     assert checkpoints.upgrade_config(models.make_config()) == models.make_config()  # today's configs pass unchanged
     with pytest.raises(ValueError, match="no style encoder"):
         checkpoints.upgrade_config({"noise_dim": 8, "style_encoder": False})

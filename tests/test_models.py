@@ -103,25 +103,6 @@ def test_input_noise_lets_one_mask_render_differently_where_noise_maps_are_off()
     assert (a - b).abs().mean() > 1e-4 and (a[0] - a[1]).abs().mean() > 1e-4  # new noise per call and per image
 
 
-def test_coordinate_planes_let_a_flat_mask_render_differ_between_corner_and_centre():
-    """With reflect padding and no noise a flat mask renders one colour everywhere: nothing in the input says
-    where a pixel is, so a dermoscope's dark corners cannot be drawn. The x, y, radius planes say it."""
-    config = dict(PLAIN, img_size=32, ngf=8, padding="reflect", upsample="resize")
-    flat = torch.full((1, 1, 32, 32), -1.0)
-    torch.manual_seed(0)
-    plain = models.build_generator(models.make_config(**config)).eval()
-    placed = models.build_generator(models.make_config(**config, coords=True)).eval()
-    assert placed.downs[0].block[0].in_channels == plain.downs[0].block[0].in_channels + 3
-    with torch.no_grad():
-        a, b = plain(flat), placed(flat)
-    assert float(a.flatten(2).std(2).max()) < 1e-6
-    assert float((b[..., 0, 0] - b[..., 16, 16]).abs().max()) > 1e-3
-    planes = models.coordinate_planes(2, 32, "cpu", torch.float32)
-    assert planes.shape == (2, 3, 32, 32) and torch.equal(planes[0, 0], -planes[0, 0].flip(1)) and torch.equal(planes[0, 1], planes[0, 0].T)
-    assert torch.allclose(planes[0, 2], planes[0, 2].flip(0)) and torch.allclose(planes[0, 2], planes[0, 2].T)
-    assert float(planes[0, 2].min()) < 0.05 and float(planes[0, 0].max()) == pytest.approx(31 / 32)
-
-
 def test_styles_are_drawn_from_lesions_of_about_the_rendered_size():
     G = models.build_generator(models.make_config(img_size=32, ngf=4, style_dim=2))
     rows = G.style_bank.shape[0]

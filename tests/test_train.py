@@ -328,7 +328,6 @@ def test_default_trains_both_critics_and_resumes(tiny_data, run_dirs):
     assert "projected" not in "".join(models.build_discriminator(train.model_config(recipe)).state_dict())
     assert recipe.style_dim == 0 and train.model_config(recipe)["style_dim"] == 0 and recipe.ema == 0
     assert args.jitter == 0.125 and recipe.jitter == 0 and args.lambda_ms == 0.3 and recipe.lambda_ms == 0
-    assert train.model_config(recipe)["coords"] is False
 
 
 def test_the_model_config_defaults_are_train_py_defaults():
@@ -337,5 +336,3 @@ def test_the_model_config_defaults_are_train_py_defaults():
     for name, value in models.DEFAULT_CONFIG.items():
         if name in vars(train.parse_args([])[0]):
             assert getattr(train.parse_args([])[0], name) == value, name
-    flipped = train.model_config(train.parse_args(["--no-coords" if models.DEFAULT_CONFIG["coords"] else "--coords"])[0])
-    assert flipped["coords"] is not models.DEFAULT_CONFIG["coords"]
