@@ -44,8 +44,7 @@ REMOVED_CONFIG = {"noise_injection": False, "d_spectral_norm": False}
 
 # What a checkpoint saved before a config key existed was trained with, where that differs from
 # models.DEFAULT_CONFIG (which holds a new run's architecture); keys not listed take DEFAULT_CONFIG's value.
-ABSENT_CONFIG = dict(upsample="transpose", noise_maps=False, padding="zeros", projected_d=False, style_dim=0, input_noise=0,
-                     style_film=False)
+ABSENT_CONFIG = dict(upsample="transpose", noise_maps=False, padding="zeros", projected_d=False, style_dim=0, input_noise=0)
 
 
 def upgrade_config(config):

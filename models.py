@@ -38,7 +38,6 @@ DEFAULT_CONFIG = dict(
     dropout=0.5,
     n_dropout_levels=3,   # innermost decoder levels with dropout, as in pix2pix
     style_dim=8,          # > 0: a style code learned from the real image (cVAE, BicycleGAN) joins the bottleneck
-    style_film=False,     # the style code also scales and shifts every decoder level's normalised features (FiLM)
     style_bank_size=256,  # style codes of training images kept in the generator; renders draw from them
     d_scales=1,           # > 1: multi-scale discriminator (pix2pixHD), each scale at half the previous resolution
     projected_d=True,     # a projected discriminator on frozen EfficientNet-Lite0 features beside the PatchGAN
@@ -66,8 +65,6 @@ def make_config(**overrides):
         raise ValueError(f"padding must be 'zeros' or 'reflect', got {config['padding']!r}")
     if config["upsample"] not in ("transpose", "resize"):
         raise ValueError(f"upsample must be 'transpose' or 'resize', got {config['upsample']!r}")
-    if config["style_film"] and not config["style_dim"]:
-        raise ValueError("style_film needs a style code (style_dim > 0)")
     return config
 
 
@@ -210,30 +207,22 @@ class NoisyOutput(nn.Sequential):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout that can draw one mask for all chunks of a batch (shared_chunks, set by train.py for MSGAN
-    and the latent regression, which render each mask several times in one batch): the renders of one mask
-    must differ by their noise maps or style codes, which sampling keeps, not by dropout, which sampling
-    switches off; with independent masks the mode-seeking term is met by dropout."""
+    """nn.Dropout that can draw one mask for both halves of a batch (shared_halves, set by train.py for
+    MSGAN): the two renders of each mask must differ by their noise maps, which sampling keeps, not by
+    dropout, which sampling switches off; with independent masks the mode-seeking term is met by dropout."""
 
-    shared_chunks = 1
+    shared_halves = False
 
     def forward(self, x):
-        if not (self.training and self.shared_chunks > 1 and self.p > 0):
+        if not (self.training and self.shared_halves and self.p > 0):
             return super().forward(x)
-        keep = torch.empty_like(x[: x.shape[0] // self.shared_chunks]).bernoulli_(1 - self.p).div_(1 - self.p)
-        return x * torch.cat([keep] * self.shared_chunks)
+        keep = torch.empty_like(x[: x.shape[0] // 2]).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * torch.cat([keep, keep])
 
 
 class Up(nn.Module):
-    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False, padding="zeros", film_dim=0):
+    def __init__(self, c_in, c_out, norm, upsample, dropout, residual, noise=False, padding="zeros"):
         super().__init__()
-        # FiLM: a per-image scale and shift of the normalised features from the style code. Entering only at the
-        # 1x1 bottleneck, the code has to survive six upsampling levels and the skips to colour the image, and
-        # renders used about half of its numbers. Zero-initialised: training starts from the unmodulated net.
-        self.film = nn.Linear(film_dim, 2 * c_out) if film_dim else None
-        if self.film is not None:
-            nn.init.zeros_(self.film.weight)
-            nn.init.zeros_(self.film.bias)
         layers = [up_conv(c_in, c_out, upsample, bias=False, padding=padding), norm_layer(norm, c_out)]
         if noise:  # after the norm, so that the normalisation cannot scale the learned strength away
             layers.append(NoiseMap(c_out))
@@ -244,12 +233,8 @@ class Up(nn.Module):
             layers.append(ResidualBlock(c_out, norm, padding))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, x, z=None):
-        if self.film is None:
-            return self.block(x)
-        x = self.block[1](self.block[0](x))
-        scale, shift = self.film(z.to(x.dtype)).to(x.dtype)[:, :, None, None].chunk(2, 1)
-        return self.block[2:](torch.addcmul(x + shift, x, scale))
+    def forward(self, x):
+        return self.block(x)
 
 
 class Generator(nn.Module):
@@ -294,7 +279,7 @@ class Generator(nn.Module):
             c_in = widths[i] + self.style_dim if i == levels - 1 else 2 * widths[i]
             dropout = c["dropout"] if i >= levels - c["n_dropout_levels"] else 0.0
             self.ups.append(Up(c_in, widths[i - 1], c["norm"], c["upsample"], dropout, residual[i - 1], c["noise_maps"],
-                               c["padding"], c["style_dim"] if c["style_film"] else 0))
+                               c["padding"]))
         out = up_conv(2 * widths[0], c["image_channels"], c["upsample"], bias=True, padding=c["padding"])
         if c["noise_maps"]:  # the finest texture: noise just before the last convolution (full resolution with resize)
             upsample, conv = (nn.Identity(), out) if c["upsample"] == "transpose" else out
@@ -319,7 +304,7 @@ class Generator(nn.Module):
                 z = self.sample_styles(x.shape[0], x.device, labels, lesion_area(masks))
             x = torch.cat([x, z.to(x.dtype).view(x.shape[0], self.style_dim, 1, 1).expand(-1, -1, *x.shape[2:])], 1)
         for up in self.ups:
-            x = torch.cat([up(x, z), skips.pop()], 1)
+            x = torch.cat([up(x), skips.pop()], 1)
         return self.out(x)
 
     def sample_styles(self, n, device, labels=None, areas=None):

@@ -83,10 +83,6 @@ def parse_args(argv=None):
                    help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
                         "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch; "
                         "0: off, as before December 2026)")
-    p.add_argument("--lambda_latent", type=float, default=0.0,
-                   help="BicycleGAN's latent regression: each mask also rendered with the style code of another image "
-                        "of the batch, which must look real to the critics and be read back by the style encoder "
-                        "(L1 on its mean, this weight; G runs on one more batch; 0: off)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -106,9 +102,6 @@ def parse_args(argv=None):
     p.add_argument("--style_dim", type=int, default=arch["style_dim"],
                    help="size of a style code learned from the real image (cVAE, BicycleGAN); sampling draws the codes of "
                         "training images of the rendered class; generate.py --style_image needs it (0: none, the recipe's)")
-    p.add_argument("--style_film", action=argparse.BooleanOptionalAction, default=arch["style_film"],
-                   help="the style code also scales and shifts the features of every decoder level (FiLM), "
-                        "not only joins the bottleneck")
     p.add_argument("--input_noise", type=int, default=arch["input_noise"],
                    help="channels of noise beside the mask at the generator's input, one value per image and channel "
                         "(OASIS's 3-D noise), so that the encoder can lay out marks anew in each render (0: none)")
@@ -140,7 +133,7 @@ def model_config(args, classes=()):
     return models.make_config(
         img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
-        input_noise=args.input_noise, style_film=args.style_film, n_classes=len(classes), classes=list(classes))
+        input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
 
 def setup_distributed(device_arg):
@@ -194,7 +187,6 @@ class Trainer:
     lambda_kl: float
     lambda_lpips: float
     lambda_ms: float
-    lambda_latent: float
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
@@ -226,12 +218,12 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lambda_latent=args.lambda_latent, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
+        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
-    chunks = 1 + (args.lambda_ms > 0) + (args.lambda_latent > 0)  # renders of each mask in one G batch
-    for m in G.modules():
-        if isinstance(m, models.Dropout):
-            m.shared_chunks = chunks
+    if args.lambda_ms > 0:
+        for m in G.modules():
+            if isinstance(m, models.Dropout):
+                m.shared_halves = True
     if args.ema > 0:
         # use_buffers: BatchNorm statistics are averaged too, so the EMA model is usable in eval mode.
         trainer.ema = torch.optim.swa_utils.AveragedModel(
@@ -281,19 +273,14 @@ def train_step(t, masks, reals, class_planes=None):
             mu, logvar = t.E_train(reals)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         loss_kl = kl_loss(mu, logvar)
-    # Each mask rendered once more per term that needs it, in one forward (DDP sees each parameter once), with one
-    # dropout mask: MSGAN's second render with the same style code and new noise maps; the latent regression's
-    # with the code of another image of the batch (BicycleGAN's cLR, with real codes as sampling draws them).
-    # Only the first render meets the D step and the L1.
-    codes = [z] * (1 + (t.lambda_ms > 0))
-    if t.lambda_latent > 0:
-        z_swap = z.detach().roll(1, 0)
-        codes.append(z_swap)
-    n = len(codes)
-    repeat = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731
     with mixed:
-        renders = t.G_train(repeat(masks), repeat(class_planes), None if z is None else torch.cat(codes)).chunk(n)
-    fakes = renders[0]
+        if t.lambda_ms > 0:
+            # MSGAN: each mask twice in one batch (one forward, so DDP sees each parameter once), with the same
+            # style code and dropout mask and new noise maps; only the first render meets the critics and the L1.
+            doubled = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+            fakes, fakes_2 = t.G_train(doubled(masks), doubled(class_planes), doubled(z)).chunk(2)
+        else:
+            fakes = t.G_train(masks, class_planes, z)
     cond = masks if class_planes is None else torch.cat([masks, class_planes], 1)
 
     # Real and fake batch in one call: the frozen trunk runs once over both, everything with batch statistics
@@ -320,16 +307,7 @@ def train_step(t, masks, reals, class_planes=None):
     if loss_kl is not None:
         loss_G = loss_G + t.lambda_kl * loss_kl
     if t.lambda_ms > 0:
-        loss_G = loss_G + t.lambda_ms * mode_seeking_loss(fakes, renders[1], t.l1_scale)
-    if t.lambda_latent > 0:
-        # The swapped render must look real to the critics and carry its code: the encoder, frozen for this term
-        # as in BicycleGAN (else it could learn to read codes it is not given), must find the code in it.
-        t.E.requires_grad_(False)
-        with mixed:
-            d_swap = t.D_plain(*diff_augment(cond, renders[-1], policy=t.diffaug))
-            mu_swap, _ = t.E(renders[-1])
-        t.E.requires_grad_(True)
-        loss_G = loss_G + gan_loss(d_swap, True, n_patch) + t.lambda_latent * (mu_swap - z_swap).abs().mean()
+        loss_G = loss_G + t.lambda_ms * mode_seeking_loss(fakes, fakes_2, t.l1_scale)
     ok_G = optimizer_step(t, loss_G, t.opt_G, t.G_params, "G")
     t.D.requires_grad_(True)
     if not t.freeze_D:
@@ -443,7 +421,7 @@ TRAIN_LIMITS = {
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
     "input_noise": Range(0, 256),
-    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "lambda_latent": Range(0, 1e6), "jitter": Range(0, 1),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
@@ -465,8 +443,6 @@ def validate_args(args, resuming=False):
     if args.l1_scale & (args.l1_scale - 1) or args.l1_scale > args.img_size // 4:
         raise UsageError(f"--l1_scale must be a power of two and at most --img_size / 4 ({args.img_size // 4}), got {args.l1_scale}")
     check_mode_seeking(args)
-    if args.lambda_latent > 0 and args.style_dim == 0:
-        raise UsageError("--lambda_latent needs a style code (--style_dim > 0): it asks the encoder to read one back")
     check_device(args.device)
     check_memory(args.batch_size * args.img_size ** 2 * ACTIVATION_BYTES_PER_PIXEL,
                  f"--batch_size {args.batch_size} at --img_size {args.img_size}", "lower --batch_size or --img_size")
@@ -539,7 +515,7 @@ REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, 
 REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
-ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0, "lambda_latent": 0.0}
+ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0}
 
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "no_tensorboard", "compile", "data_dir",
@@ -569,7 +545,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise", "style_film")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None

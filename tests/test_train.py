@@ -197,38 +197,6 @@ def test_lambda_ms_renders_each_mask_twice_with_one_style_and_pushes_renders_apa
     assert any(not torch.equal(a, b) for a, b in zip(before, t.G.parameters()))
 
 
-def test_lambda_latent_renders_each_mask_with_another_images_code_that_only_G_learns_to_carry(monkeypatch):
-    """--lambda_latent (BicycleGAN's cLR): a third render of each mask with the code of the next image of the
-    batch, which the critics judge too; the encoder must read that code back but does not learn from it."""
-    args = train.parse_args(["--img_size", "32", "--width", "4", "--no-projected_d", "--style_dim", "4",
-                             "--lambda_latent", "1", "--seed", "0"])[0]
-    torch.manual_seed(0)
-    # instance norm: BatchNorm's statistics over the whole G batch would carry a little of the term back to the
-    # encoder's own code in the first render
-    t = train.build_trainer({**train.model_config(args), "norm": "instance"}, args, torch.device("cpu"))
-    calls, seen_by_D = [], []
-    G, D = t.G_train, t.D_plain
-    monkeypatch.setattr(t, "G_train", lambda masks, planes=None, z=None: calls.append((masks, z)) or G(masks, planes, z))
-    monkeypatch.setattr(t, "D_plain", lambda masks, images, **kw: seen_by_D.append(images.shape[0]) or D(masks, images, **kw))
-    masks, reals = (torch.rand(4, 1, 32, 32) > 0.5).float() * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
-    _, fakes = train.train_step(t, masks, reals)
-    (m, z), = calls
-    assert m.shape[0] == 12 and torch.equal(m[:4], m[8:]) and torch.equal(z[:4], z[4:8])  # MSGAN's pair, then the swap
-    assert torch.equal(z[8:], z[:4].roll(1, 0)) and not torch.equal(z[8:], z[:4])
-    assert fakes.shape[0] == 4 and seen_by_D == [4, 4]
-    # the term alone moves G and leaves the encoder as it was
-    t.opt_G = train.make_optimizer(t.G_params, args)
-    t.lambda_l1, t.lambda_kl = 0.0, 0.0
-    monkeypatch.setattr(train, "gan_loss", lambda scores, *a, **k: 0 * sum(s.float().sum() for s in scores))
-    monkeypatch.setattr(train, "mode_seeking_loss", lambda a, b, scale: 0 * (a.float().sum() + b.float().sum()))
-    before_G, before_E = [p.detach().clone() for p in t.G.parameters()], [p.detach().clone() for p in t.E.parameters()]
-    train.train_step(t, masks, reals)
-    assert any(not torch.equal(a, b) for a, b in zip(before_G, t.G.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(before_E, t.E.parameters())) and t.E.head.weight.requires_grad
-    with pytest.raises(UsageError, match="--lambda_latent needs a style code"):
-        train.validate_args(train.parse_args([*TINY_MODEL, "--style_dim", "0", "--lambda_latent", "1"])[0])
-
-
 def test_mode_seeking_without_noise_in_the_generator_is_refused(tiny_data, run_dirs):
     """The default --lambda_ms with neither noise maps nor input noise: the two renders are equal, the term
     cannot act and only doubles G's cost, so the run is refused before anything is written."""
