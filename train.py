@@ -67,8 +67,6 @@ def parse_args(argv=None):
                      img_size="a power of two; the generator has log2(img_size) levels",
                      num_workers="DataLoader workers (0: load in the main process)")
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lr_d", type=float, default=0.0,
-                   help="the discriminator's learning rate, where it should differ from --lr's (TTUR; 0: --lr)")
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--lr_decay_start", type=float, default=1.0,
                    help="fraction of the epochs after which the lr decays linearly to 0 (pix2pix: 0.5; 1.0: constant)")
@@ -164,9 +162,9 @@ def make_loader(train_set, batch_size, num_workers, seed, device, rank=0, world_
                                        persistent_workers=num_workers > 0)
 
 
-def make_optimizer(params, args, fused=True, lr=None):
+def make_optimizer(params, args, fused=True):
     # fused Adam: one kernel for all parameters instead of a loop over tensors (CUDA and CPU).
-    return torch.optim.Adam(params, lr=lr or args.lr, betas=(args.beta1, 0.999), fused=fused, foreach=not fused)
+    return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, 0.999), fused=fused, foreach=not fused)
 
 
 @dataclass
@@ -217,7 +215,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
     dtype = autocast_dtype(device, args.amp)
     trainer = Trainer(
         G=G, D=D, E=E, G_params=G_params, config=config, device=device, dtype=dtype, memory_format=memory_format,
-        opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam, args.lr_d),
+        opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
         lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
@@ -420,7 +418,7 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
 # Numeric flags out of these ranges are refused before any work (a resumed run's saved flags too).
 TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
-    "lr": Range(0, 1, lo_open=True), "lr_d": Range(0, 1), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
+    "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
     "input_noise": Range(0, 256),
     "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
@@ -517,7 +515,7 @@ REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, 
 REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
-ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0, "lr_d": 0.0}
+ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0}
 
 # Flags a resumed run takes from the command line; every other setting is the run's own.
 RESUME_OVERRIDES = ("n_epochs", "num_workers", "device", "eval_freq", "save_freq", "no_tensorboard", "compile", "data_dir",
