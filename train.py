@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
     p.add_argument("--width", type=int, default=arch["ngf"],  # ngf and ndf, equal in DEFAULT_CONFIG
                    help="base width of the generator (ngf) and of the PatchGAN (ndf)")
+    p.add_argument("--g_max_mult", type=int, default=arch["g_max_mult"],
+                   help="the generator's widest level as a multiple of --width (pix2pix's: 8)")
     p.add_argument("--upsample", choices=["transpose", "resize"], default=arch["upsample"],
                    help="decoder upsampling: bilinear resize + 3x3 convolution, or transposed convolution (the recipe's)")
     p.add_argument("--padding", choices=["zeros", "reflect"], default=arch["padding"],
@@ -131,7 +133,7 @@ def parse_args(argv=None):
 def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
-        img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
+        img_size=args.img_size, ngf=args.width, ndf=args.width, g_max_mult=args.g_max_mult, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
         input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
@@ -419,7 +421,7 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
 TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
-    "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
+    "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "g_max_mult": Range(1, 64), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
     "input_noise": Range(0, 256),
     "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
@@ -545,7 +547,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise", "g_max_mult")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None
