@@ -57,14 +57,21 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(scores, is_real, n_patch_maps=None):
-    """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
+def gan_loss(scores, is_real, n_patch_maps=None, mode="lsgan", generator=False):
+    """The GAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
     n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
-    each critic weighs the same however many scales it has."""
+    each critic weighs the same however many scales it has. mode lsgan: least squares to 1 (real) or 0
+    (fake), the generator's target 1; hinge (Projected GAN's, SAGAN's): D pays only for real scores below 1
+    and fake ones above -1, the generator raises its scores without bound (generator=True)."""
     if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
-        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
-    target = 1.0 if is_real else 0.0
+        return (gan_loss(scores[:n_patch_maps], is_real, mode=mode, generator=generator)
+                + gan_loss(scores[n_patch_maps:], is_real, mode=mode, generator=generator))
     # fp32 losses whatever the autocast dtype
+    if mode == "hinge":
+        if generator:
+            return sum(-s.float().mean() for s in scores) / len(scores)
+        return sum(F.relu(1 - s.float() if is_real else 1 + s.float()).mean() for s in scores) / len(scores)
+    target = 1.0 if is_real else 0.0
     return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
 
 

@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
                         "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch; "
                         "0: off, as before December 2026)")
+    p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan",
+                   help="both critics' loss: least squares (the recipe's) or hinge (Projected GAN's)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -189,6 +191,7 @@ class Trainer:
     lambda_kl: float
     lambda_lpips: float
     lambda_ms: float
+    gan_loss: str
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
@@ -220,7 +223,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
+        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, gan_loss=args.gan_loss, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.lambda_ms > 0:
         for m in G.modules():
@@ -292,7 +295,7 @@ def train_step(t, masks, reals, class_planes=None):
         scores = t.D_train(torch.cat([real_in[0], fake_in[0]]), torch.cat([real_in[1], fake_in[1]]), groups=2)
     d_real, d_fake = zip(*(s.chunk(2) for s in scores))
     n_patch = t.D.n_patch_maps
-    loss_D = 0.5 * (gan_loss(d_real, True, n_patch) + gan_loss(d_fake, False, n_patch))
+    loss_D = 0.5 * (gan_loss(d_real, True, n_patch, t.gan_loss) + gan_loss(d_fake, False, n_patch, t.gan_loss))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
@@ -300,7 +303,7 @@ def train_step(t, masks, reals, class_planes=None):
     t.D.requires_grad_(not t.freeze_D)
     with mixed:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
-    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
+    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch, t.gan_loss, generator=True)
     loss_G_l1 = reconstruction_loss(fakes, reals, t.l1_scale)
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
@@ -513,8 +516,8 @@ def _same_kind(value, default):
 
 # Training flags that were removed (gan_loss and lambda_fm lost their ablations, README, Results), with the value
 # training now always has; a run saved with another value cannot be continued as it was trained.
-REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, "local_bn": False}
-REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
+REMOVED_FLAGS = {"lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, "local_bn": False}
+REMOVED_IN = {"lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
 ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0}
