@@ -75,6 +75,21 @@ def gan_loss(scores, is_real, n_patch_maps=None, mode="lsgan", generator=False):
     return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
 
 
+def lecam_loss(d_real, d_fake, ema, n_patch_maps=None, decay=0.99):
+    """LeCam regularisation (Tseng et al., CVPR 2021, for GANs on limited data): each score map's real
+    scores are pulled towards the running mean of its fake scores and the fake towards the real, which
+    bounds how far D can separate a small training set. ema (2 x n_maps, updated in place): running means
+    of the real and fake scores. Weighed over the maps as gan_loss weighs them."""
+    with torch.no_grad():
+        means = torch.stack([torch.stack([r.float().mean(), f.float().mean()]) for r, f in zip(d_real, d_fake)], 1)
+        ema.lerp_(means, 1 - decay)
+    terms = [(r.float() - ema[1, i]).pow(2).mean() + (f.float() - ema[0, i]).pow(2).mean()
+             for i, (r, f) in enumerate(zip(d_real, d_fake))]
+    if n_patch_maps is not None and 0 < n_patch_maps < len(terms):
+        return sum(terms[:n_patch_maps]) / n_patch_maps + sum(terms[n_patch_maps:]) / (len(terms) - n_patch_maps)
+    return sum(terms) / len(terms)
+
+
 def reconstruction_loss(fakes, reals, scale=1):
     """L1 between the images area-downsampled by scale (a power of two; 1: pixel L1). At 4 it keeps what
     mask and photograph share (layout, colour, brightness) and leaves texture finer than 4 px to the

@@ -28,7 +28,7 @@ from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, a
                  autocast_dtype, check_device, check_memory, check_name, check_ranges, describe_os_error, run_cli,
                  save_image_grid)
 from dataset import PairedDataset, read_labels, to_model_range, to_uint8
-from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
+from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, lecam_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment,
 # no mode-seeking term): these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
@@ -85,6 +85,8 @@ def parse_args(argv=None):
                         "0: off, as before December 2026)")
     p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan",
                    help="both critics' loss: least squares (the recipe's) or hinge (Projected GAN's)")
+    p.add_argument("--lambda_lecam", type=float, default=0.0,
+                   help="weight of LeCam regularisation of both critics (limited-data GANs; 0: off)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -192,6 +194,7 @@ class Trainer:
     lambda_lpips: float
     lambda_ms: float
     gan_loss: str
+    lambda_lecam: float
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
@@ -200,6 +203,7 @@ class Trainer:
     D_train: torch.nn.Module | None = None
     E_train: torch.nn.Module | None = None
     D_plain: torch.nn.Module | None = None  # D without DDP's gradient hooks, for the G step
+    lecam_ema: torch.Tensor | None = None  # running means of each score map's real and fake scores
     bad_steps: int = 0  # consecutive steps skipped for non-finite losses or gradients
     step: int = 0
 
@@ -223,7 +227,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, gan_loss=args.gan_loss, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
+        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, gan_loss=args.gan_loss, lambda_lecam=args.lambda_lecam, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.lambda_ms > 0:
         for m in G.modules():
@@ -296,6 +300,10 @@ def train_step(t, masks, reals, class_planes=None):
     d_real, d_fake = zip(*(s.chunk(2) for s in scores))
     n_patch = t.D.n_patch_maps
     loss_D = 0.5 * (gan_loss(d_real, True, n_patch, t.gan_loss) + gan_loss(d_fake, False, n_patch, t.gan_loss))
+    if t.lambda_lecam > 0:
+        if t.lecam_ema is None:
+            t.lecam_ema = torch.zeros(2, len(d_real), device=t.device)
+        loss_D = loss_D + t.lambda_lecam * lecam_loss(d_real, d_fake, t.lecam_ema, n_patch)
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
@@ -426,7 +434,7 @@ TRAIN_LIMITS = {
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
     "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "g_max_mult": Range(1, 64), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
     "input_noise": Range(0, 256),
-    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "lambda_lecam": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
