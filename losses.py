@@ -57,37 +57,15 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(scores, is_real, n_patch_maps=None, mode="lsgan", generator=False):
-    """The GAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
+def gan_loss(scores, is_real, n_patch_maps=None):
+    """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
     n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
-    each critic weighs the same however many scales it has. mode lsgan: least squares to 1 (real) or 0
-    (fake), the generator's target 1; hinge (Projected GAN's, SAGAN's): D pays only for real scores below 1
-    and fake ones above -1, the generator raises its scores without bound (generator=True)."""
+    each critic weighs the same however many scales it has."""
     if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
-        return (gan_loss(scores[:n_patch_maps], is_real, mode=mode, generator=generator)
-                + gan_loss(scores[n_patch_maps:], is_real, mode=mode, generator=generator))
-    # fp32 losses whatever the autocast dtype
-    if mode == "hinge":
-        if generator:
-            return sum(-s.float().mean() for s in scores) / len(scores)
-        return sum(F.relu(1 - s.float() if is_real else 1 + s.float()).mean() for s in scores) / len(scores)
+        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
     target = 1.0 if is_real else 0.0
+    # fp32 losses whatever the autocast dtype
     return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
-
-
-def lecam_loss(d_real, d_fake, ema, n_patch_maps=None, decay=0.99):
-    """LeCam regularisation (Tseng et al., CVPR 2021, for GANs on limited data): each score map's real
-    scores are pulled towards the running mean of its fake scores and the fake towards the real, which
-    bounds how far D can separate a small training set. ema (2 x n_maps, updated in place): running means
-    of the real and fake scores. Weighed over the maps as gan_loss weighs them."""
-    with torch.no_grad():
-        means = torch.stack([torch.stack([r.float().mean(), f.float().mean()]) for r, f in zip(d_real, d_fake)], 1)
-        ema.lerp_(means, 1 - decay)
-    terms = [(r.float() - ema[1, i]).pow(2).mean() + (f.float() - ema[0, i]).pow(2).mean()
-             for i, (r, f) in enumerate(zip(d_real, d_fake))]
-    if n_patch_maps is not None and 0 < n_patch_maps < len(terms):
-        return sum(terms[:n_patch_maps]) / n_patch_maps + sum(terms[n_patch_maps:]) / (len(terms) - n_patch_maps)
-    return sum(terms) / len(terms)
 
 
 def reconstruction_loss(fakes, reals, scale=1):

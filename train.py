@@ -28,7 +28,7 @@ from cli import (AMP_DTYPES, SHARED_LIMITS, ArgumentParser, Range, UsageError, a
                  autocast_dtype, check_device, check_memory, check_name, check_ranges, describe_os_error, run_cli,
                  save_image_grid)
 from dataset import PairedDataset, read_labels, to_model_range, to_uint8
-from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, lecam_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
+from losses import DIFFAUG_POLICIES, diff_augment, gan_loss, kl_loss, mode_seeking_loss, perceptual_loss, reconstruction_loss
 
 # The user's original recipe (PatchGAN alone, LSGAN + 100 L1, transposed convolutions, no jitter, no DiffAugment,
 # no mode-seeking term): these flags on top of the defaults reproduce it; bench.py --original_recipe times it.
@@ -83,10 +83,6 @@ def parse_args(argv=None):
                    help="weight of MSGAN's mode-seeking term: 1 / mean |G(mask, n1) - G(mask, n2)| between two noise draws "
                         "of one mask and style, on images pooled like the L1 (G runs on a doubled batch: about 1.4x per epoch; "
                         "0: off, as before December 2026)")
-    p.add_argument("--gan_loss", choices=["lsgan", "hinge"], default="lsgan",
-                   help="both critics' loss: least squares (the recipe's) or hinge (Projected GAN's)")
-    p.add_argument("--lambda_lecam", type=float, default=0.0,
-                   help="weight of LeCam regularisation of both critics (limited-data GANs; 0: off)")
     p.add_argument("--jitter", type=float, default=0.125,
                    help="decode training pairs this fraction larger and train on random img_size crops of them "
                         "(pix2pix's random jitter; 0: none)")
@@ -96,8 +92,6 @@ def parse_args(argv=None):
     p.add_argument("--conditional", action="store_true", help="condition G and D on the class in data_dir/labels.csv")
     p.add_argument("--width", type=int, default=arch["ngf"],  # ngf and ndf, equal in DEFAULT_CONFIG
                    help="base width of the generator (ngf) and of the PatchGAN (ndf)")
-    p.add_argument("--g_max_mult", type=int, default=arch["g_max_mult"],
-                   help="the generator's widest level as a multiple of --width (pix2pix's: 8)")
     p.add_argument("--upsample", choices=["transpose", "resize"], default=arch["upsample"],
                    help="decoder upsampling: bilinear resize + 3x3 convolution, or transposed convolution (the recipe's)")
     p.add_argument("--padding", choices=["zeros", "reflect"], default=arch["padding"],
@@ -137,7 +131,7 @@ def parse_args(argv=None):
 def model_config(args, classes=()):
     """The architecture the flags ask for (what checkpoints carry as their config)."""
     return models.make_config(
-        img_size=args.img_size, ngf=args.width, ndf=args.width, g_max_mult=args.g_max_mult, upsample=args.upsample, noise_maps=args.noise_maps,
+        img_size=args.img_size, ngf=args.width, ndf=args.width, upsample=args.upsample, noise_maps=args.noise_maps,
         padding=args.padding, d_scales=args.d_scales, projected_d=args.projected_d, style_dim=args.style_dim,
         input_noise=args.input_noise, n_classes=len(classes), classes=list(classes))
 
@@ -193,8 +187,6 @@ class Trainer:
     lambda_kl: float
     lambda_lpips: float
     lambda_ms: float
-    gan_loss: str
-    lambda_lecam: float
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
@@ -203,7 +195,6 @@ class Trainer:
     D_train: torch.nn.Module | None = None
     E_train: torch.nn.Module | None = None
     D_plain: torch.nn.Module | None = None  # D without DDP's gradient hooks, for the G step
-    lecam_ema: torch.Tensor | None = None  # running means of each score map's real and fake scores
     bad_steps: int = 0  # consecutive steps skipped for non-finite losses or gradients
     step: int = 0
 
@@ -227,7 +218,7 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         opt_G=make_optimizer(G_params, args, fused_adam), opt_D=make_optimizer(D.parameters(), args, fused_adam),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
-        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, gan_loss=args.gan_loss, lambda_lecam=args.lambda_lecam, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
+        lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
     )
     if args.lambda_ms > 0:
         for m in G.modules():
@@ -299,11 +290,7 @@ def train_step(t, masks, reals, class_planes=None):
         scores = t.D_train(torch.cat([real_in[0], fake_in[0]]), torch.cat([real_in[1], fake_in[1]]), groups=2)
     d_real, d_fake = zip(*(s.chunk(2) for s in scores))
     n_patch = t.D.n_patch_maps
-    loss_D = 0.5 * (gan_loss(d_real, True, n_patch, t.gan_loss) + gan_loss(d_fake, False, n_patch, t.gan_loss))
-    if t.lambda_lecam > 0:
-        if t.lecam_ema is None:
-            t.lecam_ema = torch.zeros(2, len(d_real), device=t.device)
-        loss_D = loss_D + t.lambda_lecam * lecam_loss(d_real, d_fake, t.lecam_ema, n_patch)
+    loss_D = 0.5 * (gan_loss(d_real, True, n_patch) + gan_loss(d_fake, False, n_patch))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
@@ -311,7 +298,7 @@ def train_step(t, masks, reals, class_planes=None):
     t.D.requires_grad_(not t.freeze_D)
     with mixed:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
-    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch, t.gan_loss, generator=True)
+    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
     loss_G_l1 = reconstruction_loss(fakes, reals, t.l1_scale)
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
@@ -432,9 +419,9 @@ def save_checkpoints(t, args, config, epoch, model_dir, schedulers, epoch_files)
 TRAIN_LIMITS = {
     **SHARED_LIMITS, "n_epochs": Range(1, 1_000_000), "eval_freq": Range(1), "save_freq": Range(1),
     "lr": Range(0, 1, lo_open=True), "beta1": Range(0, 1, hi_open=True), "lr_decay_start": Range(0, 1),
-    "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "g_max_mult": Range(1, 64), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
+    "ema": Range(0, 1, hi_open=True), "width": Range(1, 512), "d_scales": Range(1, 8), "style_dim": Range(0, 1024),
     "input_noise": Range(0, 256),
-    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "lambda_lecam": Range(0, 1e6), "jitter": Range(0, 1),
+    "lambda_l1": Range(0, 1e6), "l1_scale": Range(1, 64), "lambda_lpips": Range(0, 1e6), "lambda_ms": Range(0, 1e6), "jitter": Range(0, 1),
 }
 ACTIVATION_BYTES_PER_PIXEL = 128  # a lower bound on what one training pixel costs in activations and gradients
 
@@ -524,8 +511,8 @@ def _same_kind(value, default):
 
 # Training flags that were removed (gan_loss and lambda_fm lost their ablations, README, Results), with the value
 # training now always has; a run saved with another value cannot be continued as it was trained.
-REMOVED_FLAGS = {"lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, "local_bn": False}
-REMOVED_IN = {"lambda_fm": "November"}
+REMOVED_FLAGS = {"gan_loss": "lsgan", "lambda_fm": 0.0, "lambda_kl": LAMBDA_KL, "local_bn": False}
+REMOVED_IN = {"gan_loss": "November", "lambda_fm": "November"}
 
 # Loss flags added after runs were saved without them, with the value those runs trained with.
 ADDED_FLAGS = {"l1_scale": 1, "jitter": 0.0, "lambda_ms": 0.0}
@@ -558,7 +545,7 @@ def resolve_resume(args, parser, argv):
     saved = {k: v for k, v in state["args"].items() if k in defaults}
     # The model is the checkpoint's whatever the flags say; recorded as such (runs saved before --style_dim
     # replaced --noise_dim/--style_encoder, --width --ngf/--ndf, or before a default changed, have no or another value).
-    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise", "g_max_mult")})
+    saved.update({key: state["config"][key] for key in ("style_dim", "upsample", "padding", "noise_maps", "input_noise")})
     saved["width"] = state["config"]["ngf"]
     if type(saved.get("amp")) is bool:  # saved before --amp took the dtype (then --amp_dtype)
         saved["amp"] = state["args"].get("amp_dtype", "auto") if saved["amp"] else None
