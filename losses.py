@@ -57,21 +57,15 @@ def diff_augment(masks, *images, policy=""):
     return tuple(tensors)
 
 
-def gan_loss(scores, is_real, n_patch_maps=None, proj_weights=None):
+def gan_loss(scores, is_real, n_patch_maps=None):
     """LSGAN loss of the discriminator's score maps: the mean over the PatchGAN's scales (the first
     n_patch_maps maps) plus, with a projected critic, the mean over its scales (the rest), so that
-    each critic weighs the same however many scales it has. proj_weights: the projected scales' weights
-    in that mean, finest first (normalised to mean 1)."""
+    each critic weighs the same however many scales it has."""
     if n_patch_maps is not None and 0 < n_patch_maps < len(scores):
-        return gan_loss_maps(scores[:n_patch_maps], is_real) + gan_loss_maps(scores[n_patch_maps:], is_real, proj_weights)
-    return gan_loss_maps(scores, is_real)
-
-
-def gan_loss_maps(scores, is_real, weights=None):
+        return gan_loss(scores[:n_patch_maps], is_real) + gan_loss(scores[n_patch_maps:], is_real)
     target = 1.0 if is_real else 0.0
-    weights = [1.0] * len(scores) if weights is None else [w * len(scores) / sum(weights) for w in weights]
     # fp32 losses whatever the autocast dtype
-    return sum(w * F.mse_loss(s.float(), torch.full_like(s.float(), target)) for w, s in zip(weights, scores)) / len(scores)
+    return sum(F.mse_loss(s.float(), torch.full_like(s.float(), target)) for s in scores) / len(scores)
 
 
 def reconstruction_loss(fakes, reals, scale=1):

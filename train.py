@@ -108,8 +108,6 @@ def parse_args(argv=None):
     p.add_argument("--projected_d", action=argparse.BooleanOptionalAction, default=arch["projected_d"],
                    help="a projected discriminator on frozen ImageNet EfficientNet-Lite0 features beside the PatchGAN "
                         "(--no-projected_d: the PatchGAN alone)")
-    p.add_argument("--proj_weights", default="1,1,1,1",
-                   help="weights of the projected critic's four scales in its GAN loss, finest (32x32 at 128 px) first")
     p.add_argument("--d_scales", type=int, default=arch["d_scales"],
                    help="discriminators at 1, 1/2, ... of the resolution (pix2pixHD multi-scale D)")
     # speed (bench.py measures the others: channels_last, fused Adam, frozen D in the G step)
@@ -192,7 +190,6 @@ class Trainer:
     lpips: torch.nn.Module | None
     diffaug: str
     freeze_D: bool
-    proj_weights: tuple | None = None  # the projected critic's scales in its GAN loss, finest first
     ema: torch.optim.swa_utils.AveragedModel | None = None
     G_train: torch.nn.Module | None = None  # what the training step calls: DDP and/or compiled wrappers
     D_train: torch.nn.Module | None = None
@@ -222,7 +219,6 @@ def build_trainer(config, args, device, world_size=1, channels_last=True, fused_
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         lambda_l1=args.lambda_l1, l1_scale=args.l1_scale, lambda_kl=LAMBDA_KL, diffaug=args.diffaug, freeze_D=freeze_d,
         lambda_lpips=args.lambda_lpips, lambda_ms=args.lambda_ms, lpips=weights.load_stlpips().to(device) if args.lambda_lpips > 0 else None,
-        proj_weights=tuple(float(w) for w in args.proj_weights.split(",")),
     )
     if args.lambda_ms > 0:
         for m in G.modules():
@@ -294,7 +290,7 @@ def train_step(t, masks, reals, class_planes=None):
         scores = t.D_train(torch.cat([real_in[0], fake_in[0]]), torch.cat([real_in[1], fake_in[1]]), groups=2)
     d_real, d_fake = zip(*(s.chunk(2) for s in scores))
     n_patch = t.D.n_patch_maps
-    loss_D = 0.5 * (gan_loss(d_real, True, n_patch, t.proj_weights) + gan_loss(d_fake, False, n_patch, t.proj_weights))
+    loss_D = 0.5 * (gan_loss(d_real, True, n_patch) + gan_loss(d_fake, False, n_patch))
     ok_D = optimizer_step(t, loss_D, t.opt_D, t.D.parameters(), "D")
 
     # D's weights need no gradients here: freezing them skips their weight-gradient kernels,
@@ -302,7 +298,7 @@ def train_step(t, masks, reals, class_planes=None):
     t.D.requires_grad_(not t.freeze_D)
     with mixed:
         d_fake_for_G = t.D_plain(*diff_augment(cond, fakes, policy=t.diffaug))
-    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch, t.proj_weights)
+    loss_G_gan = gan_loss(d_fake_for_G, True, n_patch)
     loss_G_l1 = reconstruction_loss(fakes, reals, t.l1_scale)
     loss_G = loss_G_gan + t.lambda_l1 * loss_G_l1
     if t.lpips is not None:
@@ -447,12 +443,6 @@ def validate_args(args, resuming=False):
     if args.l1_scale & (args.l1_scale - 1) or args.l1_scale > args.img_size // 4:
         raise UsageError(f"--l1_scale must be a power of two and at most --img_size / 4 ({args.img_size // 4}), got {args.l1_scale}")
     check_mode_seeking(args)
-    try:
-        proj_weights = [float(w) for w in args.proj_weights.split(",")]
-    except ValueError:
-        proj_weights = []
-    if len(proj_weights) != 4 or min(proj_weights) < 0 or sum(proj_weights) <= 0:
-        raise UsageError(f"--proj_weights must be four weights >= 0, not all zero, got {args.proj_weights!r}")
     check_device(args.device)
     check_memory(args.batch_size * args.img_size ** 2 * ACTIVATION_BYTES_PER_PIXEL,
                  f"--batch_size {args.batch_size} at --img_size {args.img_size}", "lower --batch_size or --img_size")
